@@ -1,0 +1,1 @@
+//! The Luna Saver gateway service. Its implementation arrives with the distributed pipeline.

@@ -1,0 +1,1 @@
+//! The Luna Saver saver service. Its implementation arrives with the distributed pipeline.

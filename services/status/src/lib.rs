@@ -1,0 +1,1 @@
+//! The Luna Saver status service. Its implementation arrives with the distributed pipeline.
