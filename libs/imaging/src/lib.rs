@@ -1,1 +1,142 @@
-//! placeholder
+//! Pure, synchronous image work for Luna Saver: no async, no I/O.
+//!
+//! Given a task's pixels and options, this crate decides the file name ([`template`]), whether
+//! the image is kept ([`gate`]), and produces the exact bytes of the file ([`encode`]) with its
+//! metadata embedded ([`metadata`]). Writing those bytes is `luna-store`'s job.
+//!
+//! # Layout
+//! - [`template`]: `%model_name%`, `%index%`, `%time:FMT%` ... and path safety.
+//! - [`gate`]: `variance`, `edge_density` and `both` scores.
+//! - [`metadata`]: what is embedded (ComfyUI's keys, A1111 `parameters`, custom keys).
+//! - [`png`], [`webp`], [`jpeg`]: the encoders; [`exif`] builds ComfyUI-style EXIF.
+
+pub mod exif;
+pub mod gate;
+pub mod jpeg;
+pub mod metadata;
+pub mod png;
+pub mod template;
+pub mod webp;
+
+use luna_job::ImageFormat;
+
+pub use metadata::Metadata;
+
+/// Borrowed 8-bit pixels with their shape.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageView<'a> {
+    pixels: &'a [u8],
+    width: u32,
+    height: u32,
+    channels: u8,
+}
+
+/// Pixels that do not match their declared shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{len} pixel bytes do not fit {width}x{height} with {channels} channels")]
+pub struct ShapeError {
+    pub len: usize,
+    pub width: u32,
+    pub height: u32,
+    pub channels: u8,
+}
+
+impl<'a> ImageView<'a> {
+    /// # Errors
+    /// [`ShapeError`] unless `channels` is 1, 3 or 4, both sides are non-zero and
+    /// `pixels.len() == width * height * channels`.
+    pub fn new(pixels: &'a [u8], width: u32, height: u32, channels: u8) -> Result<Self, ShapeError> {
+        let expected = u64::from(width) * u64::from(height) * u64::from(channels);
+        if width == 0 || height == 0 || !matches!(channels, 1 | 3 | 4) || pixels.len() as u64 != expected {
+            return Err(ShapeError { len: pixels.len(), width, height, channels });
+        }
+        Ok(Self { pixels, width, height, channels })
+    }
+
+    pub fn pixels(&self) -> &'a [u8] {
+        self.pixels
+    }
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+    pub fn channels(&self) -> u8 {
+        self.channels
+    }
+
+    /// Bytes per row.
+    pub fn stride(&self) -> usize {
+        self.width as usize * usize::from(self.channels)
+    }
+
+    /// The rows, top to bottom.
+    pub fn rows(&self) -> std::slice::ChunksExact<'a, u8> {
+        self.pixels.chunks_exact(self.stride())
+    }
+}
+
+/// How to encode, from the task's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodeOptions {
+    pub format: ImageFormat,
+    /// PNG: 0 = stored .. 9 = smallest.
+    pub png_compression: u8,
+    /// JPEG and lossy WebP, 70..=100.
+    pub lossy_quality: u8,
+    pub lossless_webp: bool,
+}
+
+/// The bytes of one output file, plus the JSON sidecar when metadata did not fit inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    /// Full metadata as JSON, to be written as `<file>.json` (JPEG's 64 KiB EXIF limit).
+    pub sidecar: Option<Vec<u8>>,
+}
+
+/// An encoder failure. Inputs are validated before encoding, so these point at resource
+/// exhaustion or a codec limit rather than at the request.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("image is {width}x{height}; {format} allows at most {max} pixels per side")]
+    TooLarge { format: &'static str, width: u32, height: u32, max: u32 },
+    #[error("deflate output did not fit its bound")]
+    Deflate(#[source] libdeflater::CompressionError),
+    #[error("libwebp failed to encode (error code {0})")]
+    Webp(i32),
+    #[error("JPEG encoder failed")]
+    Jpeg(#[source] jpeg_encoder::EncodingError),
+    #[error("metadata could not be serialised")]
+    Metadata(#[source] serde_json::Error),
+}
+
+/// Encodes `image` in the requested format with `meta` embedded.
+///
+/// # Errors
+/// [`EncodeError`] when a codec refuses the image (size limits, allocation failure).
+pub fn encode(image: &ImageView<'_>, options: &EncodeOptions, meta: &Metadata) -> Result<Encoded, EncodeError> {
+    let max = options.format.max_side();
+    if image.width > max || image.height > max {
+        return Err(EncodeError::TooLarge {
+            format: options.format.as_str(),
+            width: image.width,
+            height: image.height,
+            max,
+        });
+    }
+    match options.format {
+        ImageFormat::Png => {
+            let bytes = png::encode(image, options.png_compression, &meta.png_text_chunks())?;
+            Ok(Encoded { bytes, sidecar: None })
+        }
+        ImageFormat::Webp => {
+            let quality = if options.lossless_webp { webp::Quality::Lossless } else { webp::Quality::Lossy(options.lossy_quality) };
+            let exif = (!meta.is_empty()).then(|| exif::build(&meta.exif_entries()));
+            let bytes = webp::encode(image, quality, exif.as_deref())?;
+            Ok(Encoded { bytes, sidecar: None })
+        }
+        ImageFormat::Jpeg => jpeg::encode(image, options.lossy_quality, meta),
+    }
+}
