@@ -35,10 +35,15 @@ pub fn encode(image: &ImageView<'_>, quality: u8, meta: &Metadata) -> Result<Enc
     };
     let mut bytes = Vec::with_capacity(data.len() / 6);
     let mut encoder = Encoder::new(&mut bytes, quality.clamp(1, 100));
-    // 4:2:0 with averaged chroma, as libjpeg and Pillow write by default: same size and PSNR as
-    // libjpeg-turbo (the crate's own default is 4:4:4 from quality 90, 28% larger files).
-    encoder.set_sampling_factor(SamplingFactor::R_4_2_0);
-    encoder.set_chroma_subsampling_method(ChromaSubsamplingMethod::Average);
+    // Full chroma from quality 90 up: there 4:2:0 caps fidelity (a detailed 256x256 photo
+    // reached only 34.7 dB at 4:2:0 against the contract's 35 dB). Below 90, 4:2:0 with
+    // averaged chroma, which matches libjpeg-turbo's size and PSNR.
+    if quality >= 90 {
+        encoder.set_sampling_factor(SamplingFactor::R_4_4_4);
+    } else {
+        encoder.set_sampling_factor(SamplingFactor::R_4_2_0);
+        encoder.set_chroma_subsampling_method(ChromaSubsamplingMethod::Average);
+    }
     if let Some(exif) = exif {
         encoder.add_exif_metadata(&exif).map_err(EncodeError::Jpeg)?;
     }
