@@ -1,1 +1,67 @@
-//! placeholder
+//! Where a Luna Saver file lands and how it is written.
+//!
+//! # Layout
+//! - [`placement`]: the contract's path rules, from a task to a relative directory and name.
+//! - [`local`]: the local-filesystem [`Store`]: temp file, fsync, no-replace publish,
+//!   collision suffixes, and idempotency per `(job_id, image index)`.
+//! - [`save`]: one task end to end (gate, encode, store), synchronous, for savers to run on a
+//!   blocking thread.
+//!
+//! The [`Store`] trait is the seam for other backends (an object store, say): it takes the
+//! task's key, its placement and the encoded bytes, and answers with the path it used.
+
+pub mod local;
+pub mod placement;
+pub mod save;
+
+use luna_imaging::Encoded;
+use luna_job::task::TaskKey;
+
+pub use local::LocalStore;
+pub use placement::{Placement, PlacementError};
+pub use save::{Outcome, SaveError, save_task};
+
+/// A file as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Relative to the output root, `/`-separated.
+    pub path: String,
+    /// Size of the image file (not counting a sidecar).
+    pub bytes: u64,
+    /// True when this task had already stored the file (a redelivery); nothing was written.
+    pub already_stored: bool,
+}
+
+/// Why a file could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("failed to {action} {path}")]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another saver is writing this image right now")]
+    Busy,
+    #[error("{candidates} names starting with {stem:?} are taken")]
+    NamesExhausted { stem: String, candidates: u32 },
+}
+
+impl StoreError {
+    /// True when trying again later may succeed (everything here: disks fill and empty,
+    /// permissions get fixed, and a busy image is finished by its other writer).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::NamesExhausted { .. })
+    }
+}
+
+/// Where encoded images go.
+pub trait Store: Send + Sync {
+    /// Stores `file` under `placement` for the task `key`, never replacing another file.
+    /// Storing the same key twice answers with the first file and writes nothing.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the backend fails.
+    fn put(&self, key: &TaskKey, placement: &Placement, file: &Encoded) -> Result<Stored, StoreError>;
+}

@@ -1,0 +1,80 @@
+//! One task end to end: validate, place, gate, encode, store.
+
+use luna_imaging::gate::{self, Verdict};
+use luna_imaging::{EncodeError, EncodeOptions, ImageView, Metadata, ShapeError};
+use luna_job::{QualityGate, SaveTask, ValidationError};
+
+use crate::placement::{Placement, PlacementError};
+use crate::{Store, StoreError, Stored};
+
+/// What became of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The image passed its gate (or had none) and was stored.
+    Saved { stored: Stored, quality_score: Option<f64> },
+    /// The gate rejected it; with `keep_rejected` it was stored under `_discarded/`.
+    Rejected { gate: QualityGate, score: f64, threshold: f64, stored: Option<Stored> },
+}
+
+/// Why a task was not saved.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("invalid task: {0}")]
+    Invalid(#[from] ValidationError),
+    #[error("invalid placement: {0}")]
+    Placement(#[from] PlacementError),
+    #[error("pixels do not match the declared shape")]
+    Shape(#[from] ShapeError),
+    #[error("encoding failed")]
+    Encode(#[from] EncodeError),
+    #[error("storing failed")]
+    Store(#[from] StoreError),
+}
+
+impl SaveError {
+    /// True when the same task may succeed later (storage trouble); false when retrying cannot
+    /// help (the task itself is bad), so it should be parked at once.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_transient(),
+            Self::Invalid(_) | Self::Placement(_) | Self::Shape(_) | Self::Encode(_) => false,
+        }
+    }
+}
+
+/// Saves one task into `store`. Pure CPU and blocking I/O: run it on a blocking thread.
+///
+/// # Errors
+/// [`SaveError`]; see [`SaveError::is_transient`] for what to do with it.
+pub fn save_task(task: &SaveTask, store: &dyn Store) -> Result<Outcome, SaveError> {
+    task.validate()?;
+    let placement = Placement::for_task(task)?;
+    let o = &task.options;
+    let img = &task.image;
+    let channels = u8::try_from(img.channels).unwrap_or(0);
+    let view = ImageView::new(img.pixels.as_slice(), img.width, img.height, channels)?;
+
+    let verdict = gate::evaluate(o.quality_gate, &view, o.min_quality_threshold);
+    let rejected = matches!(verdict, Some(Verdict { passed: false, .. }));
+    if rejected && !o.keep_rejected {
+        let score = verdict.map_or(0.0, |v| v.score);
+        return Ok(Outcome::Rejected { gate: o.quality_gate, score, threshold: o.min_quality_threshold, stored: None });
+    }
+
+    let options = EncodeOptions {
+        format: img.format,
+        // Validated ranges: 0..=9 and 70..=100.
+        png_compression: u8::try_from(o.png_compression).unwrap_or(4),
+        lossy_quality: u8::try_from(o.lossy_quality).unwrap_or(90),
+        lossless_webp: o.lossless_webp,
+    };
+    let encoded = luna_imaging::encode(&view, &options, &Metadata::from_task(task))?;
+    let target = if rejected { placement.discarded() } else { placement };
+    let stored = store.put(&task.key(), &target, &encoded)?;
+    Ok(match verdict {
+        Some(v) if !v.passed => {
+            Outcome::Rejected { gate: o.quality_gate, score: v.score, threshold: o.min_quality_threshold, stored: Some(stored) }
+        }
+        _ => Outcome::Saved { stored, quality_score: verdict.map(|v| v.score) },
+    })
+}
