@@ -18,7 +18,8 @@ pub fn build(entries: &[(u16, String)]) -> Vec<u8> {
     let count = sorted.len();
     // Header (8) + entry count (2) + entries (12 each) + next-IFD offset (4), then the values.
     let mut data_offset = 8 + 2 + 12 * count + 4;
-    let mut out = Vec::with_capacity(data_offset + entries.iter().map(|(_, s)| s.len() + 2).sum::<usize>());
+    let mut out =
+        Vec::with_capacity(data_offset + entries.iter().map(|(_, s)| s.len() + 2).sum::<usize>());
     out.extend_from_slice(b"II*\0");
     out.extend_from_slice(&8u32.to_le_bytes());
     out.extend_from_slice(&u16::try_from(count).unwrap_or(u16::MAX).to_le_bytes());
@@ -55,7 +56,9 @@ mod tests {
 
     fn read_ascii_tags(tiff: &[u8]) -> Vec<(u16, String)> {
         let u16_at = |o: usize| u16::from_le_bytes([tiff[o], tiff[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes([tiff[o], tiff[o + 1], tiff[o + 2], tiff[o + 3]]) as usize;
+        let u32_at = |o: usize| {
+            u32::from_le_bytes([tiff[o], tiff[o + 1], tiff[o + 2], tiff[o + 3]]) as usize
+        };
         assert_eq!(&tiff[..4], b"II*\0");
         let ifd = u32_at(4);
         (0..usize::from(u16_at(ifd)))
@@ -65,17 +68,28 @@ mod tests {
                 let len = u32_at(e + 4);
                 let at = if len <= 4 { e + 8 } else { u32_at(e + 8) };
                 assert_eq!(tiff[at + len - 1], 0, "NUL-terminated");
-                (u16_at(e), String::from_utf8(tiff[at..at + len - 1].to_vec()).expect("utf8"))
+                (
+                    u16_at(e),
+                    String::from_utf8(tiff[at..at + len - 1].to_vec()).expect("utf8"),
+                )
             })
             .collect()
     }
 
     #[test]
     fn entries_are_sorted_and_read_back() {
-        let tiff = build(&[(0x0110, "prompt:{}".into()), (0x010F, "workflow:{\"a\":1}".into()), (0x010E, "k:v".into())]);
+        let tiff = build(&[
+            (0x0110, "prompt:{}".into()),
+            (0x010F, "workflow:{\"a\":1}".into()),
+            (0x010E, "k:v".into()),
+        ]);
         assert_eq!(
             read_ascii_tags(&tiff),
-            [(0x010E, "k:v".to_owned()), (0x010F, "workflow:{\"a\":1}".to_owned()), (0x0110, "prompt:{}".to_owned())]
+            [
+                (0x010E, "k:v".to_owned()),
+                (0x010F, "workflow:{\"a\":1}".to_owned()),
+                (0x0110, "prompt:{}".to_owned())
+            ]
         );
     }
 }

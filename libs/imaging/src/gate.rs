@@ -40,8 +40,14 @@ pub fn evaluate(gate: QualityGate, image: &ImageView<'_>, threshold: f64) -> Opt
     }
     let s = scores(image);
     Some(match gate {
-        QualityGate::Variance => Verdict { score: s.variance, passed: s.variance >= threshold },
-        QualityGate::EdgeDensity => Verdict { score: s.edge_density, passed: s.edge_density >= threshold },
+        QualityGate::Variance => Verdict {
+            score: s.variance,
+            passed: s.variance >= threshold,
+        },
+        QualityGate::EdgeDensity => Verdict {
+            score: s.edge_density,
+            passed: s.edge_density >= threshold,
+        },
         QualityGate::Both | QualityGate::Disabled => Verdict {
             score: (s.variance + s.edge_density) / 2.0,
             passed: s.variance >= threshold && s.edge_density >= threshold,
@@ -72,7 +78,11 @@ pub fn scores(image: &ImageView<'_>) -> Scores {
             }
         }
         if r > 0 {
-            sum_gx += prev.iter().zip(&cur).map(|(a, b)| (b - a).abs()).sum::<f64>();
+            sum_gx += prev
+                .iter()
+                .zip(&cur)
+                .map(|(a, b)| (b - a).abs())
+                .sum::<f64>();
         }
         sum += row_sum;
         sum_sq += row_sq;
@@ -82,7 +92,13 @@ pub fn scores(image: &ImageView<'_>) -> Scores {
     let n = (w * h) as f64;
     let mean = sum / n;
     let variance = (sum_sq / n - mean * mean).max(0.0);
-    let mean_of = |total: f64, count: usize| if count == 0 { 0.0 } else { total / 255.0 / count as f64 };
+    let mean_of = |total: f64, count: usize| {
+        if count == 0 {
+            0.0
+        } else {
+            total / 255.0 / count as f64
+        }
+    };
     let gx = mean_of(sum_gx, (h - 1) * w);
     let gy = mean_of(sum_gy, h * (w - 1));
     Scores {
@@ -130,7 +146,11 @@ mod tests {
         for channels in [1u8, 3, 4] {
             let px = vec![128; 16 * 8 * usize::from(channels)];
             let s = scores(&view(&px, 16, 8, channels));
-            assert_eq!((s.variance, s.edge_density), (0.0, 0.0), "channels {channels}");
+            assert_eq!(
+                (s.variance, s.edge_density),
+                (0.0, 0.0),
+                "channels {channels}"
+            );
         }
     }
 
@@ -139,7 +159,11 @@ mod tests {
         for channels in [1u8, 3, 4] {
             let px = checkerboard(8, 8, channels);
             let s = scores(&view(&px, 8, 8, channels));
-            assert_eq!((s.variance, s.edge_density), (1.0, 1.0), "channels {channels}");
+            assert_eq!(
+                (s.variance, s.edge_density),
+                (1.0, 1.0),
+                "channels {channels}"
+            );
         }
     }
 
@@ -154,24 +178,42 @@ mod tests {
         let mean = ys.iter().sum::<f64>() / 6.0;
         let var = ys.iter().map(|y| (y - mean) * (y - mean)).sum::<f64>() / 6.0;
         let gx = ((76.245f64 - 29.07).abs() + (255.0f64 - 149.685).abs() + 0.0) / 255.0 / 3.0;
-        let gy = ((149.685f64 - 29.07).abs() + 149.685 + (255.0f64 - 76.245).abs() + 255.0) / 255.0 / 4.0;
+        let gy = ((149.685f64 - 29.07).abs() + 149.685 + (255.0f64 - 76.245).abs() + 255.0)
+            / 255.0
+            / 4.0;
         let s = scores(&view(&px, 3, 2, 3));
-        assert!((s.variance - (var / 3000.0).min(1.0)).abs() < 1e-6, "{} vs {}", s.variance, var / 3000.0);
+        assert!(
+            (s.variance - (var / 3000.0).min(1.0)).abs() < 1e-6,
+            "{} vs {}",
+            s.variance,
+            var / 3000.0
+        );
         let edge = (((gx + gy) / 2.0) / 0.05).min(1.0);
         assert!((s.edge_density - edge).abs() < 1e-6);
         // Below saturation, checked with a dim copy: Y scales by 0.1, so var by 0.01.
         let dim: Vec<u8> = px.iter().map(|v| v / 10).collect();
         let s = scores(&view(&dim, 3, 2, 3));
-        let ys: Vec<f64> = [(0, 0, 25), (0, 25, 0), (0, 0, 0), (25, 0, 0), (25, 25, 25), (0, 0, 0)]
-            .iter()
-            .map(|&(r, g, b)| 0.299 * f64::from(r) + 0.587 * f64::from(g) + 0.114 * f64::from(b))
-            .collect();
+        let ys: Vec<f64> = [
+            (0, 0, 25),
+            (0, 25, 0),
+            (0, 0, 0),
+            (25, 0, 0),
+            (25, 25, 25),
+            (0, 0, 0),
+        ]
+        .iter()
+        .map(|&(r, g, b)| 0.299 * f64::from(r) + 0.587 * f64::from(g) + 0.114 * f64::from(b))
+        .collect();
         let mean = ys.iter().sum::<f64>() / 6.0;
         let var = ys.iter().map(|y| (y - mean) * (y - mean)).sum::<f64>() / 6.0;
         assert!((s.variance - var / 3000.0).abs() < 1e-6);
         assert!(s.variance < 1.0);
-        let gx = ((ys[3] - ys[0]).abs() + (ys[4] - ys[1]).abs() + (ys[5] - ys[2]).abs()) / 255.0 / 3.0;
-        let gy = ((ys[1] - ys[0]).abs() + (ys[2] - ys[1]).abs() + (ys[4] - ys[3]).abs() + (ys[5] - ys[4]).abs())
+        let gx =
+            ((ys[3] - ys[0]).abs() + (ys[4] - ys[1]).abs() + (ys[5] - ys[2]).abs()) / 255.0 / 3.0;
+        let gy = ((ys[1] - ys[0]).abs()
+            + (ys[2] - ys[1]).abs()
+            + (ys[4] - ys[3]).abs()
+            + (ys[5] - ys[4]).abs())
             / 255.0
             / 4.0;
         assert!((s.edge_density - ((gx + gy) / 2.0) / 0.05).abs() < 1e-6);
@@ -193,14 +235,22 @@ mod tests {
     #[test]
     fn gates_compare_with_the_threshold() {
         // Horizontal stripes: strong row-to-row change, none along rows, high variance.
-        let px: Vec<u8> = (0..8).flat_map(|r| [if r % 2 == 0 { 0 } else { 255 }; 8]).collect();
+        let px: Vec<u8> = (0..8)
+            .flat_map(|r| [if r % 2 == 0 { 0 } else { 255 }; 8])
+            .collect();
         let img = view(&px, 8, 8, 1);
         let s = scores(&img);
         assert_eq!(s.variance, 1.0);
-        assert!((s.edge_density - 1.0).abs() < 1e-12, "mean gx 1, gy 0 -> 0.5 / 0.05 saturates");
+        assert!(
+            (s.edge_density - 1.0).abs() < 1e-12,
+            "mean gx 1, gy 0 -> 0.5 / 0.05 saturates"
+        );
         assert!(evaluate(QualityGate::Disabled, &img, 0.5).is_none());
         let v = evaluate(QualityGate::Variance, &img, 1.0).expect("gate ran");
-        assert!(v.passed && v.score == 1.0, "score equal to threshold passes");
+        assert!(
+            v.passed && v.score == 1.0,
+            "score equal to threshold passes"
+        );
         let flat = [9u8; 64];
         let flat = view(&flat, 8, 8, 1);
         let both = evaluate(QualityGate::Both, &flat, 0.0).expect("gate ran");
@@ -221,6 +271,9 @@ mod tests {
         let v = evaluate(QualityGate::Both, &img, 0.7).expect("gate ran");
         assert!(!v.passed, "variance alone is not enough");
         assert!((v.score - (1.0 + s.edge_density) / 2.0).abs() < 1e-12);
-        assert!(v.score >= 0.5, "the mean may exceed the threshold while one score does not");
+        assert!(
+            v.score >= 0.5,
+            "the mean may exceed the threshold while one score does not"
+        );
     }
 }

@@ -45,14 +45,23 @@ pub fn encode(image: &ImageView<'_>, quality: u8, meta: &Metadata) -> Result<Enc
         encoder.set_chroma_subsampling_method(ChromaSubsamplingMethod::Average);
     }
     if let Some(exif) = exif {
-        encoder.add_exif_metadata(&exif).map_err(EncodeError::Jpeg)?;
+        encoder
+            .add_exif_metadata(&exif)
+            .map_err(EncodeError::Jpeg)?;
     }
-    encoder.encode(data, width, height, color).map_err(EncodeError::Jpeg)?;
+    encoder
+        .encode(data, width, height, color)
+        .map_err(EncodeError::Jpeg)?;
     Ok(Encoded { bytes, sidecar })
 }
 
 fn too_large(image: &ImageView<'_>) -> EncodeError {
-    EncodeError::TooLarge { format: "jpeg", width: image.width(), height: image.height(), max: 65_535 }
+    EncodeError::TooLarge {
+        format: "jpeg",
+        width: image.width(),
+        height: image.height(),
+        max: 65_535,
+    }
 }
 
 type ExifAndSidecar = (Option<Vec<u8>>, Option<Vec<u8>>);
@@ -102,6 +111,9 @@ mod tests {
 
     #[test]
     fn flattening_onto_white() {
-        assert_eq!(flatten_on_white(&[10, 20, 30, 255, 10, 20, 30, 0, 0, 0, 0, 128]), [10, 20, 30, 255, 255, 255, 127, 127, 127]);
+        assert_eq!(
+            flatten_on_white(&[10, 20, 30, 255, 10, 20, 30, 0, 0, 0, 0, 128]),
+            [10, 20, 30, 255, 255, 255, 127, 127, 127]
+        );
     }
 }

@@ -45,12 +45,31 @@ impl<'a> ImageView<'a> {
     /// # Errors
     /// [`ShapeError`] unless `channels` is 1, 3 or 4, both sides are non-zero and
     /// `pixels.len() == width * height * channels`.
-    pub fn new(pixels: &'a [u8], width: u32, height: u32, channels: u8) -> Result<Self, ShapeError> {
+    pub fn new(
+        pixels: &'a [u8],
+        width: u32,
+        height: u32,
+        channels: u8,
+    ) -> Result<Self, ShapeError> {
         let expected = u64::from(width) * u64::from(height) * u64::from(channels);
-        if width == 0 || height == 0 || !matches!(channels, 1 | 3 | 4) || pixels.len() as u64 != expected {
-            return Err(ShapeError { len: pixels.len(), width, height, channels });
+        if width == 0
+            || height == 0
+            || !matches!(channels, 1 | 3 | 4)
+            || pixels.len() as u64 != expected
+        {
+            return Err(ShapeError {
+                len: pixels.len(),
+                width,
+                height,
+                channels,
+            });
         }
-        Ok(Self { pixels, width, height, channels })
+        Ok(Self {
+            pixels,
+            width,
+            height,
+            channels,
+        })
     }
 
     pub fn pixels(&self) -> &'a [u8] {
@@ -101,7 +120,12 @@ pub struct Encoded {
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
     #[error("image is {width}x{height}; {format} allows at most {max} pixels per side")]
-    TooLarge { format: &'static str, width: u32, height: u32, max: u32 },
+    TooLarge {
+        format: &'static str,
+        width: u32,
+        height: u32,
+        max: u32,
+    },
     #[error("deflate output did not fit its bound")]
     Deflate(#[source] libdeflater::CompressionError),
     #[error("libwebp failed to encode (error code {0})")]
@@ -116,7 +140,11 @@ pub enum EncodeError {
 ///
 /// # Errors
 /// [`EncodeError`] when a codec refuses the image (size limits, allocation failure).
-pub fn encode(image: &ImageView<'_>, options: &EncodeOptions, meta: &Metadata) -> Result<Encoded, EncodeError> {
+pub fn encode(
+    image: &ImageView<'_>,
+    options: &EncodeOptions,
+    meta: &Metadata,
+) -> Result<Encoded, EncodeError> {
     let max = options.format.max_side();
     if image.width > max || image.height > max {
         return Err(EncodeError::TooLarge {
@@ -129,13 +157,23 @@ pub fn encode(image: &ImageView<'_>, options: &EncodeOptions, meta: &Metadata) -
     match options.format {
         ImageFormat::Png => {
             let bytes = png::encode(image, options.png_compression, &meta.png_text_chunks())?;
-            Ok(Encoded { bytes, sidecar: None })
+            Ok(Encoded {
+                bytes,
+                sidecar: None,
+            })
         }
         ImageFormat::Webp => {
-            let quality = if options.lossless_webp { webp::Quality::Lossless } else { webp::Quality::Lossy(options.lossy_quality) };
+            let quality = if options.lossless_webp {
+                webp::Quality::Lossless
+            } else {
+                webp::Quality::Lossy(options.lossy_quality)
+            };
             let exif = (!meta.is_empty()).then(|| exif::build(&meta.exif_entries()));
             let bytes = webp::encode(image, quality, exif.as_deref())?;
-            Ok(Encoded { bytes, sidecar: None })
+            Ok(Encoded {
+                bytes,
+                sidecar: None,
+            })
         }
         ImageFormat::Jpeg => jpeg::encode(image, options.lossy_quality, meta),
     }

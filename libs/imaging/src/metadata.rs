@@ -69,7 +69,12 @@ impl Metadata {
             return Self::default();
         }
         let mut entries = Vec::new();
-        let mut push = |key: &str, value: EntryValue| entries.push(Entry { key: key.to_owned(), value });
+        let mut push = |key: &str, value: EntryValue| {
+            entries.push(Entry {
+                key: key.to_owned(),
+                value,
+            })
+        };
         if let Some(prompt @ Value::Object(_)) = &o.prompt {
             push("prompt", EntryValue::Json(prompt.clone()));
         }
@@ -81,7 +86,12 @@ impl Metadata {
         if let Some(Value::Object(meta)) = &o.metadata {
             push(
                 "parameters",
-                EntryValue::Text(a1111_parameters(meta, &o.model_name, task.image.width, task.image.height)),
+                EntryValue::Text(a1111_parameters(
+                    meta,
+                    &o.model_name,
+                    task.image.width,
+                    task.image.height,
+                )),
             );
         }
         if let Ok(Some(custom)) = o.custom_metadata_object() {
@@ -102,7 +112,13 @@ impl Metadata {
 
     /// PNG text chunks, in order.
     pub fn png_text_chunks(&self) -> Vec<TextChunk> {
-        self.entries.iter().map(|e| TextChunk { keyword: e.key.clone(), text: e.value.to_text() }).collect()
+        self.entries
+            .iter()
+            .map(|e| TextChunk {
+                keyword: e.key.clone(),
+                text: e.value.to_text(),
+            })
+            .collect()
     }
 
     /// EXIF IFD0 ASCII entries in ComfyUI's scheme: `prompt:<json>` in 0x0110, every other
@@ -126,7 +142,9 @@ impl Metadata {
 
     /// Keeps only the entries `keep` accepts, in order.
     pub fn filtered(&self, keep: impl Fn(&Entry) -> bool) -> Self {
-        Self { entries: self.entries.iter().filter(|e| keep(e)).cloned().collect() }
+        Self {
+            entries: self.entries.iter().filter(|e| keep(e)).cloned().collect(),
+        }
     }
 
     /// All entries as one JSON object (the `<file>.json` sidecar): JSON values stay JSON.
@@ -134,7 +152,11 @@ impl Metadata {
     /// # Errors
     /// Only if serialisation fails, which string-keyed maps do not.
     pub fn to_json_object(&self) -> Result<Vec<u8>, serde_json::Error> {
-        let map: Map<String, Value> = self.entries.iter().map(|e| (e.key.clone(), e.value.to_json())).collect();
+        let map: Map<String, Value> = self
+            .entries
+            .iter()
+            .map(|e| (e.key.clone(), e.value.to_json()))
+            .collect();
         serde_json::to_vec_pretty(&Value::Object(map))
     }
 }
@@ -163,7 +185,12 @@ pub fn ascii_json(v: &Value) -> String {
 /// The A1111 `parameters` text: the positive prompt, `Negative prompt: ...`, then one line of
 /// `Key: value` pairs (`Steps`, `Sampler`, `Schedule type`, `CFG scale`, `Seed`, `Size`,
 /// `Model`, then any other fields). Values with commas are quoted, as A1111 does.
-pub fn a1111_parameters(meta: &Map<String, Value>, model_name: &str, width: u32, height: u32) -> String {
+pub fn a1111_parameters(
+    meta: &Map<String, Value>,
+    model_name: &str,
+    width: u32,
+    height: u32,
+) -> String {
     let text = |keys: &[&str]| keys.iter().find_map(|k| meta.get(*k)).map(plain);
     let mut out = String::new();
     if let Some(positive) = text(&["positive", "positive_prompt", "prompt"]) {
@@ -196,8 +223,23 @@ pub fn a1111_parameters(meta: &Map<String, Value>, model_name: &str, width: u32,
         fields.push(("Model".to_owned(), model));
     }
     let used: &[&str] = &[
-        "positive", "positive_prompt", "prompt", "negative", "negative_prompt", "steps", "sampler_name", "sampler",
-        "scheduler", "cfg", "cfg_scale", "seed", "model", "model_name", "checkpoint", "width", "height",
+        "positive",
+        "positive_prompt",
+        "prompt",
+        "negative",
+        "negative_prompt",
+        "steps",
+        "sampler_name",
+        "sampler",
+        "scheduler",
+        "cfg",
+        "cfg_scale",
+        "seed",
+        "model",
+        "model_name",
+        "checkpoint",
+        "width",
+        "height",
     ];
     for (key, value) in meta {
         if !used.contains(&key.as_str()) && !value.is_null() {
@@ -207,7 +249,11 @@ pub fn a1111_parameters(meta: &Map<String, Value>, model_name: &str, width: u32,
     let line: Vec<String> = fields
         .into_iter()
         .map(|(k, v)| {
-            let v = if v.contains(',') || v.contains('\n') { Value::String(v).to_string() } else { v };
+            let v = if v.contains(',') || v.contains('\n') {
+                Value::String(v).to_string()
+            } else {
+                v
+            };
             format!("{k}: {v}")
         })
         .collect();
@@ -233,7 +279,10 @@ mod tests {
         let v = json!({"text": "café ☕ 𝄞", "n": 1});
         let s = ascii_json(&v);
         assert!(s.is_ascii());
-        assert!(s.contains("caf\\u00e9") && s.contains("\\ud834\\udd1e"), "{s}");
+        assert!(
+            s.contains("caf\\u00e9") && s.contains("\\ud834\\udd1e"),
+            "{s}"
+        );
         assert_eq!(serde_json::from_str::<Value>(&s).expect("parses"), v);
     }
 

@@ -21,16 +21,26 @@ const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
 ///
 /// # Errors
 /// [`EncodeError::Deflate`] only if libdeflate's own size bound is wrong.
-pub fn encode(image: &ImageView<'_>, level: u8, texts: &[TextChunk]) -> Result<Vec<u8>, EncodeError> {
+pub fn encode(
+    image: &ImageView<'_>,
+    level: u8,
+    texts: &[TextChunk],
+) -> Result<Vec<u8>, EncodeError> {
     let level = usize::from(level.min(9));
     let filtered = filter(image, level > 0);
-    let mut compressor = Compressor::new(CompressionLvl::new(DEFLATE_LEVEL[level]).unwrap_or_default());
+    let mut compressor =
+        Compressor::new(CompressionLvl::new(DEFLATE_LEVEL[level]).unwrap_or_default());
     let mut idat = vec![0u8; compressor.zlib_compress_bound(filtered.len())];
-    let n = compressor.zlib_compress(&filtered, &mut idat).map_err(EncodeError::Deflate)?;
+    let n = compressor
+        .zlib_compress(&filtered, &mut idat)
+        .map_err(EncodeError::Deflate)?;
     idat.truncate(n);
     drop(filtered);
 
-    let text_len: usize = texts.iter().map(|t| t.keyword.len() + t.text.len() + 32).sum();
+    let text_len: usize = texts
+        .iter()
+        .map(|t| t.keyword.len() + t.text.len() + 32)
+        .sum();
     let mut out = Vec::with_capacity(SIGNATURE.len() + 25 + text_len + idat.len() + 12 + 12);
     out.extend_from_slice(&SIGNATURE);
     let color_type = match image.channels() {
@@ -66,8 +76,13 @@ fn write_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
 /// `tEXt` when keyword and text are Latin-1, else an uncompressed `iTXt` (UTF-8), as Pillow's
 /// `PngInfo.add_text` does. Keywords are validated upstream (`luna_job::validate`).
 fn write_text_chunk(out: &mut Vec<u8>, t: &TextChunk) {
-    let latin1 = |s: &str| s.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect::<Option<Vec<u8>>>();
-    let keyword = latin1(&t.keyword).unwrap_or_else(|| t.keyword.bytes().filter(u8::is_ascii).collect());
+    let latin1 = |s: &str| {
+        s.chars()
+            .map(|c| u8::try_from(u32::from(c)).ok())
+            .collect::<Option<Vec<u8>>>()
+    };
+    let keyword =
+        latin1(&t.keyword).unwrap_or_else(|| t.keyword.bytes().filter(u8::is_ascii).collect());
     let mut data = keyword;
     data.push(0);
     if let Some(text) = latin1(&t.text) {
@@ -95,7 +110,12 @@ fn filter(image: &ImageView<'_>, adaptive: bool) -> Vec<u8> {
         return out;
     }
     let zeros = vec![0u8; stride];
-    let mut candidates = [vec![0u8; stride], vec![0u8; stride], vec![0u8; stride], vec![0u8; stride]];
+    let mut candidates = [
+        vec![0u8; stride],
+        vec![0u8; stride],
+        vec![0u8; stride],
+        vec![0u8; stride],
+    ];
     let mut prior: &[u8] = &zeros;
     for row in image.rows() {
         let [sub, up, avg, paeth] = &mut candidates;
@@ -123,7 +143,13 @@ fn cost(filtered: &[u8]) -> u64 {
     // Chunked so the inner sum stays in u32 and vectorises.
     filtered
         .chunks(1 << 16)
-        .map(|c| u64::from(c.iter().map(|&b| u32::from((b as i8).unsigned_abs())).sum::<u32>()))
+        .map(|c| {
+            u64::from(
+                c.iter()
+                    .map(|&b| u32::from((b as i8).unsigned_abs()))
+                    .sum::<u32>(),
+            )
+        })
         .sum()
 }
 
@@ -144,7 +170,12 @@ fn filter_avg(row: &[u8], prior: &[u8], bpp: usize, out: &mut [u8]) {
     for i in 0..bpp {
         out[i] = row[i].wrapping_sub(prior[i] >> 1);
     }
-    for (((o, &x), &a), &b) in out[bpp..].iter_mut().zip(&row[bpp..]).zip(row).zip(&prior[bpp..]) {
+    for (((o, &x), &a), &b) in out[bpp..]
+        .iter_mut()
+        .zip(&row[bpp..])
+        .zip(row)
+        .zip(&prior[bpp..])
+    {
         *o = x.wrapping_sub(((u16::from(a) + u16::from(b)) >> 1) as u8);
     }
 }
@@ -153,7 +184,12 @@ fn filter_paeth(row: &[u8], prior: &[u8], bpp: usize, out: &mut [u8]) {
     for i in 0..bpp {
         out[i] = row[i].wrapping_sub(prior[i]);
     }
-    let tail = out[bpp..].iter_mut().zip(&row[bpp..]).zip(row).zip(&prior[bpp..]).zip(prior);
+    let tail = out[bpp..]
+        .iter_mut()
+        .zip(&row[bpp..])
+        .zip(row)
+        .zip(&prior[bpp..])
+        .zip(prior);
     for ((((o, &x), &a), &b), &c) in tail {
         *o = x.wrapping_sub(paeth(a, b, c));
     }
@@ -184,8 +220,18 @@ mod tests {
             for b in (0..=255u8).step_by(7) {
                 for c in (0..=255u8).step_by(11) {
                     let p = i16::from(a) + i16::from(b) - i16::from(c);
-                    let (pa, pb, pc) = ((p - i16::from(a)).abs(), (p - i16::from(b)).abs(), (p - i16::from(c)).abs());
-                    let spec = if pa <= pb && pa <= pc { a } else if pb <= pc { b } else { c };
+                    let (pa, pb, pc) = (
+                        (p - i16::from(a)).abs(),
+                        (p - i16::from(b)).abs(),
+                        (p - i16::from(c)).abs(),
+                    );
+                    let spec = if pa <= pb && pa <= pc {
+                        a
+                    } else if pb <= pc {
+                        b
+                    } else {
+                        c
+                    };
                     assert_eq!(paeth(a, b, c), spec);
                 }
             }

@@ -46,7 +46,10 @@ pub fn render(template: &str, ctx: &TemplateContext<'_>) -> String {
 ///
 /// # Errors
 /// [`PathError`] when the rendered path is absolute or has a `..` component.
-pub fn render_relative(template: &str, ctx: &TemplateContext<'_>) -> Result<Vec<String>, PathError> {
+pub fn render_relative(
+    template: &str,
+    ctx: &TemplateContext<'_>,
+) -> Result<Vec<String>, PathError> {
     relative_components(&render(template, ctx))
 }
 
@@ -90,7 +93,11 @@ fn expand(template: &str, ctx: &TemplateContext<'_>) -> String {
             Some((value, close)) => {
                 out.push_str(&value);
                 // The closing `%` is consumed, unless it opens another token.
-                rest = if token_at(&rest[close..], ctx).is_some() { &rest[close..] } else { &rest[close + 1..] };
+                rest = if token_at(&rest[close..], ctx).is_some() {
+                    &rest[close..]
+                } else {
+                    &rest[close + 1..]
+                };
             }
             None => {
                 out.push('%');
@@ -133,13 +140,21 @@ fn normalized_model(model: &str) -> String {
 pub fn model_name(model: &str) -> String {
     let path = normalized_model(model);
     let name = path.rsplit('/').next().unwrap_or_default();
-    if name.is_empty() { UNKNOWN_MODEL.to_owned() } else { name.to_owned() }
+    if name.is_empty() {
+        UNKNOWN_MODEL.to_owned()
+    } else {
+        name.to_owned()
+    }
 }
 
 /// `%model_path%`: the path as given, without the extension.
 pub fn model_path(model: &str) -> String {
     let path = normalized_model(model);
-    if path.is_empty() { UNKNOWN_MODEL.to_owned() } else { path }
+    if path.is_empty() {
+        UNKNOWN_MODEL.to_owned()
+    } else {
+        path
+    }
 }
 
 /// `%model_dir%`: the directory part; `.` when the model has none, so `%model_dir%/x` stays
@@ -200,28 +215,49 @@ mod tests {
 
     #[test]
     fn time_uses_the_carried_offset_and_all_fields() {
-        assert_eq!(render("%time:YYYY_mm_dd.HH.MM.SS%", &ctx("")), "2025_12_09.14.03.07");
-        assert_eq!(render("%time:HHh%", &ctx("")), "14h", "other letters are literal");
+        assert_eq!(
+            render("%time:YYYY_mm_dd.HH.MM.SS%", &ctx("")),
+            "2025_12_09.14.03.07"
+        );
+        assert_eq!(
+            render("%time:HHh%", &ctx("")),
+            "14h",
+            "other letters are literal"
+        );
     }
 
     #[test]
     fn default_filename_template() {
         let c = ctx("C:\\models\\SDXL\\juggernaut_v9.safetensors");
-        assert_eq!(render(luna_job::request::DEFAULT_FILENAME, &c), "2025_12_09.14.03.07_juggernaut_v9");
+        assert_eq!(
+            render(luna_job::request::DEFAULT_FILENAME, &c),
+            "2025_12_09.14.03.07_juggernaut_v9"
+        );
     }
 
     #[test]
     fn model_tokens() {
         let c = ctx("checkpoints/sdxl/dreamshaper.SafeTensors");
-        assert_eq!(render("%model_name%|%model_path%|%model_dir%", &c), "dreamshaper_checkpoints/sdxl/dreamshaper_checkpoints/sdxl");
+        assert_eq!(
+            render("%model_name%|%model_path%|%model_dir%", &c),
+            "dreamshaper_checkpoints/sdxl/dreamshaper_checkpoints/sdxl"
+        );
         for ext in MODEL_EXTENSIONS {
             assert_eq!(model_name(&format!("m{ext}")), "m");
         }
-        assert_eq!(model_name("flux.1-dev.fp8"), "flux.1-dev.fp8", "other extensions stay");
+        assert_eq!(
+            model_name("flux.1-dev.fp8"),
+            "flux.1-dev.fp8",
+            "other extensions stay"
+        );
         assert_eq!(model_name(""), UNKNOWN_MODEL);
         assert_eq!(model_path(""), UNKNOWN_MODEL);
         assert_eq!(model_dir("plain.ckpt"), ".");
-        assert_eq!(model_path("/abs/m.pt"), "abs/m", "model tokens never make a path absolute");
+        assert_eq!(
+            model_path("/abs/m.pt"),
+            "abs/m",
+            "model tokens never make a path absolute"
+        );
     }
 
     #[test]
@@ -233,17 +269,38 @@ mod tests {
 
     #[test]
     fn unsafe_characters_become_underscores() {
-        assert_eq!(render("a<b>c:d\"e|f?g*h\\i\tj/k", &ctx("")), "a_b_c_d_e_f_g_h_i_j/k");
+        assert_eq!(
+            render("a<b>c:d\"e|f?g*h\\i\tj/k", &ctx("")),
+            "a_b_c_d_e_f_g_h_i_j/k"
+        );
     }
 
     #[test]
     fn paths_may_not_escape_the_root() {
         let c = ctx("../../etc/passwd.ckpt");
-        assert!(matches!(render_relative("/etc", &c), Err(PathError::Absolute(_))));
-        assert!(matches!(render_relative("a/../../b", &c), Err(PathError::ParentDir(_))));
-        assert!(matches!(render_relative("%model_dir%", &c), Err(PathError::ParentDir(_))));
-        assert_eq!(render_relative("a//./b/", &c).expect("relative"), ["a", "b"]);
-        assert_eq!(render_relative("C:\\Windows", &c).expect("relative"), ["C__Windows"]);
-        assert_eq!(render_relative("..a/b..", &c).expect("not a parent"), ["..a", "b.."]);
+        assert!(matches!(
+            render_relative("/etc", &c),
+            Err(PathError::Absolute(_))
+        ));
+        assert!(matches!(
+            render_relative("a/../../b", &c),
+            Err(PathError::ParentDir(_))
+        ));
+        assert!(matches!(
+            render_relative("%model_dir%", &c),
+            Err(PathError::ParentDir(_))
+        ));
+        assert_eq!(
+            render_relative("a//./b/", &c).expect("relative"),
+            ["a", "b"]
+        );
+        assert_eq!(
+            render_relative("C:\\Windows", &c).expect("relative"),
+            ["C__Windows"]
+        );
+        assert_eq!(
+            render_relative("..a/b..", &c).expect("not a parent"),
+            ["..a", "b.."]
+        );
     }
 }

@@ -25,7 +25,11 @@ pub enum Quality {
 ///
 /// # Errors
 /// [`EncodeError::Webp`] with libwebp's error code (allocation failure, size limits).
-pub fn encode(image: &ImageView<'_>, quality: Quality, exif: Option<&[u8]>) -> Result<Vec<u8>, EncodeError> {
+pub fn encode(
+    image: &ImageView<'_>,
+    quality: Quality,
+    exif: Option<&[u8]>,
+) -> Result<Vec<u8>, EncodeError> {
     let bitstream = encode_simple(image, quality)?;
     Ok(match exif {
         Some(exif) => with_exif(&bitstream, image, exif),
@@ -84,12 +88,17 @@ fn encode_simple(image: &ImageView<'_>, quality: Quality) -> Result<Vec<u8>, Enc
     // libwebp takes RGB or RGBA; gray is widened to RGB.
     let widened;
     let (data, channels) = if image.channels() == 1 {
-        widened = image.pixels().iter().flat_map(|&v| [v, v, v]).collect::<Vec<u8>>();
+        widened = image
+            .pixels()
+            .iter()
+            .flat_map(|&v| [v, v, v])
+            .collect::<Vec<u8>>();
         (widened.as_slice(), 3)
     } else {
         (image.pixels(), image.channels())
     };
-    let stride = i32::try_from(image.width() as usize * usize::from(channels)).map_err(|_| EncodeError::Webp(-1))?;
+    let stride = i32::try_from(image.width() as usize * usize::from(channels))
+        .map_err(|_| EncodeError::Webp(-1))?;
     // SAFETY: `data` holds `height` rows of `stride` bytes and outlives the call; libwebp copies it.
     let imported = unsafe {
         if channels == 4 {
@@ -144,7 +153,11 @@ fn with_exif(bitstream: &[u8], image: &ImageView<'_>, exif: &[u8]) -> Vec<u8> {
     push_chunk(&mut chunks, b"EXIF", exif);
     let mut out = Vec::with_capacity(12 + chunks.len());
     out.extend_from_slice(b"RIFF");
-    out.extend_from_slice(&u32::try_from(4 + chunks.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(
+        &u32::try_from(4 + chunks.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
     out.extend_from_slice(b"WEBP");
     out.extend_from_slice(&chunks);
     out

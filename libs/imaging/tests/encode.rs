@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 
 /// A public-domain photograph (NASA), 256x256 RGB.
 fn photo() -> (Vec<u8>, u32, u32) {
-    let img = image::load_from_memory(include_bytes!("../../../tests/data/astronaut_256.png")).expect("test photo");
+    let img = image::load_from_memory(include_bytes!("../../../tests/data/astronaut_256.png"))
+        .expect("test photo");
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();
     (rgb.into_raw(), w, h)
@@ -20,30 +21,53 @@ fn with_channels(rgb: &[u8], channels: u8) -> Vec<u8> {
     match channels {
         1 => rgb.chunks_exact(3).map(|p| p[1]).collect(),
         3 => rgb.to_vec(),
-        _ => rgb.chunks_exact(3).enumerate().flat_map(|(i, p)| [p[0], p[1], p[2], (i % 256) as u8]).collect(),
+        _ => rgb
+            .chunks_exact(3)
+            .enumerate()
+            .flat_map(|(i, p)| [p[0], p[1], p[2], (i % 256) as u8])
+            .collect(),
     }
 }
 
 fn options(format: ImageFormat) -> EncodeOptions {
-    EncodeOptions { format, png_compression: 4, lossy_quality: 90, lossless_webp: false }
+    EncodeOptions {
+        format,
+        png_compression: 4,
+        lossy_quality: 90,
+        lossless_webp: false,
+    }
 }
 
 fn task_with_metadata(width: u32, height: u32, workflow: Value) -> SaveTask {
     let req = SaveRequest {
         model_name: "sdxl.safetensors".into(),
-        prompt: Some(json!({"3": {"class_type": "KSampler", "inputs": {"seed": 7, "text": "naïve café"}}})),
+        prompt: Some(
+            json!({"3": {"class_type": "KSampler", "inputs": {"seed": 7, "text": "naïve café"}}}),
+        ),
         extra_pnginfo: Some(json!({ "workflow": workflow })),
-        metadata: Some(json!({"positive": "an astronaut", "negative": "blurry", "steps": 20, "seed": 7})),
+        metadata: Some(
+            json!({"positive": "an astronaut", "negative": "blurry", "steps": 20, "seed": 7}),
+        ),
         custom_metadata: Some(json!({"artist": "Luna", "rating": 5})),
-        images: vec![ImageInput { width, height, ..Default::default() }],
+        images: vec![ImageInput {
+            width,
+            height,
+            ..Default::default()
+        }],
         ..Default::default()
     };
     let at = DateTime::parse_from_rfc3339("2025-12-09T10:00:00+00:00").expect("time");
-    req.into_tasks(&JobId::parse("job-42").expect("id"), at).remove(0)
+    req.into_tasks(&JobId::parse("job-42").expect("id"), at)
+        .remove(0)
 }
 
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse = a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>() / a.len() as f64;
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
     10.0 * (255.0f64 * 255.0 / mse).log10()
 }
 
@@ -55,8 +79,16 @@ fn png_chunks(png: &[u8]) -> Vec<(String, Vec<u8>)> {
         let len = u32::from_be_bytes(png[at..at + 4].try_into().expect("4 bytes")) as usize;
         let kind = String::from_utf8_lossy(&png[at + 4..at + 8]).into_owned();
         let data = png[at + 8..at + 8 + len].to_vec();
-        let crc = u32::from_be_bytes(png[at + 8 + len..at + 12 + len].try_into().expect("4 bytes"));
-        assert_eq!(crc, crc32fast::hash(&png[at + 4..at + 8 + len]), "CRC of {kind}");
+        let crc = u32::from_be_bytes(
+            png[at + 8 + len..at + 12 + len]
+                .try_into()
+                .expect("4 bytes"),
+        );
+        assert_eq!(
+            crc,
+            crc32fast::hash(&png[at + 4..at + 8 + len]),
+            "CRC of {kind}"
+        );
         out.push((kind, data));
         at += 12 + len;
     }
@@ -70,8 +102,14 @@ fn png_texts(png: &[u8]) -> Vec<(String, String)> {
             let nul = data.iter().position(|&b| b == 0)?;
             let key = String::from_utf8_lossy(&data[..nul]).into_owned();
             match kind.as_str() {
-                "tEXt" => Some((key, data[nul + 1..].iter().map(|&b| char::from(b)).collect())),
-                "iTXt" => Some((key, String::from_utf8(data[nul + 5..].to_vec()).expect("utf8"))),
+                "tEXt" => Some((
+                    key,
+                    data[nul + 1..].iter().map(|&b| char::from(b)).collect(),
+                )),
+                "iTXt" => Some((
+                    key,
+                    String::from_utf8(data[nul + 5..].to_vec()).expect("utf8"),
+                )),
                 _ => None,
             }
         })
@@ -85,16 +123,27 @@ fn png_is_lossless_for_gray_rgb_and_rgba_at_every_level() {
         let px = with_channels(&rgb, channels);
         let view = ImageView::new(&px, w, h, channels).expect("view");
         for level in 0..=9 {
-            let opts = EncodeOptions { png_compression: level, ..options(ImageFormat::Png) };
+            let opts = EncodeOptions {
+                png_compression: level,
+                ..options(ImageFormat::Png)
+            };
             let out = encode(&view, &opts, &Metadata::default()).expect("encode");
-            let decoded = image::load_from_memory_with_format(&out.bytes, image::ImageFormat::Png).expect("decode");
+            let decoded = image::load_from_memory_with_format(&out.bytes, image::ImageFormat::Png)
+                .expect("decode");
             let (color, got) = match channels {
                 1 => (image::ColorType::L8, decoded.to_luma8().into_raw()),
                 3 => (image::ColorType::Rgb8, decoded.to_rgb8().into_raw()),
                 _ => (image::ColorType::Rgba8, decoded.to_rgba8().into_raw()),
             };
-            assert_eq!(decoded.color(), color, "channels {channels} keep their layout");
-            assert!(got == px, "pixels differ for channels {channels} level {level}");
+            assert_eq!(
+                decoded.color(),
+                color,
+                "channels {channels} keep their layout"
+            );
+            assert!(
+                got == px,
+                "pixels differ for channels {channels} level {level}"
+            );
         }
     }
 }
@@ -104,33 +153,79 @@ fn png_compression_is_a_real_dial() {
     let (rgb, w, h) = photo();
     let view = ImageView::new(&rgb, w, h, 3).expect("view");
     let size = |level| {
-        let opts = EncodeOptions { png_compression: level, ..options(ImageFormat::Png) };
-        encode(&view, &opts, &Metadata::default()).expect("encode").bytes.len()
+        let opts = EncodeOptions {
+            png_compression: level,
+            ..options(ImageFormat::Png)
+        };
+        encode(&view, &opts, &Metadata::default())
+            .expect("encode")
+            .bytes
+            .len()
     };
     let (stored, fast, default, best) = (size(0), size(1), size(4), size(9));
     assert!(stored > rgb.len(), "level 0 stores: {stored}");
-    assert!(fast < stored && default < fast && best < default, "{stored} > {fast} > {default} > {best}");
+    assert!(
+        fast < stored && default < fast && best < default,
+        "{stored} > {fast} > {default} > {best}"
+    );
 }
 
 #[test]
 fn png_embeds_comfyui_text_chunks() {
     let (rgb, w, h) = photo();
-    let workflow = json!({"nodes": [{"id": 1, "type": "SaveImage", "title": "Ünïcode ✓"}], "links": []});
+    let workflow =
+        json!({"nodes": [{"id": 1, "type": "SaveImage", "title": "Ünïcode ✓"}], "links": []});
     let task = task_with_metadata(w, h, workflow.clone());
     let meta = Metadata::from_task(&task);
-    let out = encode(&ImageView::new(&rgb, w, h, 3).expect("view"), &options(ImageFormat::Png), &meta).expect("encode");
+    let out = encode(
+        &ImageView::new(&rgb, w, h, 3).expect("view"),
+        &options(ImageFormat::Png),
+        &meta,
+    )
+    .expect("encode");
     let texts = png_texts(&out.bytes);
     let keys: Vec<&str> = texts.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(keys, ["prompt", "workflow", "parameters", "artist", "rating", "luna_job_id"]);
-    let get = |k: &str| texts.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).expect("key present");
-    assert_eq!(serde_json::from_str::<Value>(&get("prompt")).expect("json"), task.options.prompt.clone().expect("set"));
-    assert_eq!(serde_json::from_str::<Value>(&get("workflow")).expect("json"), workflow);
-    assert_eq!(get("parameters"), "an astronaut\nNegative prompt: blurry\nSteps: 20, Seed: 7, Size: 256x256, Model: sdxl");
-    assert_eq!((get("artist"), get("rating"), get("luna_job_id")), ("Luna".into(), "5".into(), "job-42".into()));
+    assert_eq!(
+        keys,
+        [
+            "prompt",
+            "workflow",
+            "parameters",
+            "artist",
+            "rating",
+            "luna_job_id"
+        ]
+    );
+    let get = |k: &str| {
+        texts
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .expect("key present")
+    };
+    assert_eq!(
+        serde_json::from_str::<Value>(&get("prompt")).expect("json"),
+        task.options.prompt.clone().expect("set")
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&get("workflow")).expect("json"),
+        workflow
+    );
+    assert_eq!(
+        get("parameters"),
+        "an astronaut\nNegative prompt: blurry\nSteps: 20, Seed: 7, Size: 256x256, Model: sdxl"
+    );
+    assert_eq!(
+        (get("artist"), get("rating"), get("luna_job_id")),
+        ("Luna".into(), "5".into(), "job-42".into())
+    );
     let chunk_order: Vec<String> = png_chunks(&out.bytes).into_iter().map(|(k, _)| k).collect();
     assert_eq!(chunk_order.first().map(String::as_str), Some("IHDR"));
     let idat = chunk_order.iter().position(|k| k == "IDAT").expect("IDAT");
-    assert!(chunk_order.iter().rposition(|k| k == "tEXt").expect("tEXt") < idat, "text before image data");
+    assert!(
+        chunk_order.iter().rposition(|k| k == "tEXt").expect("tEXt") < idat,
+        "text before image data"
+    );
 }
 
 #[test]
@@ -138,13 +233,29 @@ fn non_latin1_text_goes_into_itxt() {
     let px = [0u8; 3];
     let mut task = task_with_metadata(1, 1, json!({}));
     task.options.metadata = Some(json!({"positive": "月の光"}));
-    let out = encode(&ImageView::new(&px, 1, 1, 3).expect("view"), &options(ImageFormat::Png), &Metadata::from_task(&task))
-        .expect("encode");
-    let itxt: Vec<String> = png_chunks(&out.bytes).into_iter().filter(|(k, _)| k == "iTXt").map(|(_, d)| {
-        String::from_utf8_lossy(&d[..d.iter().position(|&b| b == 0).expect("nul")]).into_owned()
-    }).collect();
-    assert_eq!(itxt, ["parameters"], "only the non-Latin-1 text needs iTXt; JSON is escaped to ASCII");
-    assert!(png_texts(&out.bytes).iter().any(|(k, v)| k == "parameters" && v.starts_with("月の光\n")));
+    let out = encode(
+        &ImageView::new(&px, 1, 1, 3).expect("view"),
+        &options(ImageFormat::Png),
+        &Metadata::from_task(&task),
+    )
+    .expect("encode");
+    let itxt: Vec<String> = png_chunks(&out.bytes)
+        .into_iter()
+        .filter(|(k, _)| k == "iTXt")
+        .map(|(_, d)| {
+            String::from_utf8_lossy(&d[..d.iter().position(|&b| b == 0).expect("nul")]).into_owned()
+        })
+        .collect();
+    assert_eq!(
+        itxt,
+        ["parameters"],
+        "only the non-Latin-1 text needs iTXt; JSON is escaped to ASCII"
+    );
+    assert!(
+        png_texts(&out.bytes)
+            .iter()
+            .any(|(k, v)| k == "parameters" && v.starts_with("月の光\n"))
+    );
 }
 
 #[test]
@@ -158,12 +269,19 @@ fn embed_workflow_off_embeds_nothing() {
 fn riff_chunks(webp: &[u8]) -> Vec<(String, Vec<u8>)> {
     assert_eq!(&webp[..4], b"RIFF");
     assert_eq!(&webp[8..12], b"WEBP");
-    assert_eq!(u32::from_le_bytes(webp[4..8].try_into().expect("4")) as usize, webp.len() - 8, "RIFF size");
+    assert_eq!(
+        u32::from_le_bytes(webp[4..8].try_into().expect("4")) as usize,
+        webp.len() - 8,
+        "RIFF size"
+    );
     let mut out = Vec::new();
     let mut at = 12;
     while at + 8 <= webp.len() {
         let len = u32::from_le_bytes(webp[at + 4..at + 8].try_into().expect("4")) as usize;
-        out.push((String::from_utf8_lossy(&webp[at..at + 4]).into_owned(), webp[at + 8..at + 8 + len].to_vec()));
+        out.push((
+            String::from_utf8_lossy(&webp[at..at + 4]).into_owned(),
+            webp[at + 8..at + 8 + len].to_vec(),
+        ));
         at += 8 + len + len % 2;
     }
     assert_eq!(at, webp.len(), "chunks fill the file");
@@ -180,7 +298,10 @@ fn exif_ascii_tags(tiff: &[u8]) -> Vec<(u16, String)> {
             let e = ifd + 2 + 12 * i;
             let len = u32_at(e + 4);
             let at = if len <= 4 { e + 8 } else { u32_at(e + 8) };
-            (u16_at(e), String::from_utf8(tiff[at..at + len - 1].to_vec()).expect("utf8"))
+            (
+                u16_at(e),
+                String::from_utf8(tiff[at..at + len - 1].to_vec()).expect("utf8"),
+            )
         })
         .collect()
 }
@@ -193,15 +314,31 @@ fn webp_lossless_is_exact_even_under_transparency() {
         if channels == 4 {
             px[3] = 0; // a fully transparent pixel whose colour must survive
         }
-        let opts = EncodeOptions { lossless_webp: true, ..options(ImageFormat::Webp) };
-        let out = encode(&ImageView::new(&px, w, h, channels).expect("view"), &opts, &Metadata::default()).expect("encode");
-        let decoded = image::load_from_memory_with_format(&out.bytes, image::ImageFormat::WebP).expect("decode");
+        let opts = EncodeOptions {
+            lossless_webp: true,
+            ..options(ImageFormat::Webp)
+        };
+        let out = encode(
+            &ImageView::new(&px, w, h, channels).expect("view"),
+            &opts,
+            &Metadata::default(),
+        )
+        .expect("encode");
+        let decoded = image::load_from_memory_with_format(&out.bytes, image::ImageFormat::WebP)
+            .expect("decode");
         let expected: Vec<u8> = match channels {
             1 => px.iter().flat_map(|&v| [v, v, v]).collect(),
             _ => px.clone(),
         };
-        let got = if channels == 4 { decoded.to_rgba8().into_raw() } else { decoded.to_rgb8().into_raw() };
-        assert!(got == expected, "lossless WebP changed pixels for channels {channels}");
+        let got = if channels == 4 {
+            decoded.to_rgba8().into_raw()
+        } else {
+            decoded.to_rgb8().into_raw()
+        };
+        assert!(
+            got == expected,
+            "lossless WebP changed pixels for channels {channels}"
+        );
     }
 }
 
@@ -210,9 +347,15 @@ fn webp_lossy_is_close_and_carries_comfyui_exif() {
     let (rgb, w, h) = photo();
     let workflow = json!({"nodes": [{"id": 1}], "links": []});
     let task = task_with_metadata(w, h, workflow.clone());
-    let out = encode(&ImageView::new(&rgb, w, h, 3).expect("view"), &options(ImageFormat::Webp), &Metadata::from_task(&task))
-        .expect("encode");
-    let decoded = image::load_from_memory_with_format(&out.bytes, image::ImageFormat::WebP).expect("decode").to_rgb8();
+    let out = encode(
+        &ImageView::new(&rgb, w, h, 3).expect("view"),
+        &options(ImageFormat::Webp),
+        &Metadata::from_task(&task),
+    )
+    .expect("encode");
+    let decoded = image::load_from_memory_with_format(&out.bytes, image::ImageFormat::WebP)
+        .expect("decode")
+        .to_rgb8();
     let db = psnr(&rgb, decoded.as_raw());
     assert!(db >= 35.0, "lossy WebP at 90: {db:.2} dB");
 
@@ -221,11 +364,19 @@ fn webp_lossy_is_close_and_carries_comfyui_exif() {
     assert_eq!(names, ["VP8X", "VP8 ", "EXIF"]);
     assert_eq!(chunks[0].1[0] & 0x08, 0x08, "VP8X announces EXIF");
     let tags = exif_ascii_tags(&chunks[2].1);
-    let tag = |t: u16| tags.iter().find(|(k, _)| *k == t).map(|(_, v)| v.clone()).expect("tag");
+    let tag = |t: u16| {
+        tags.iter()
+            .find(|(k, _)| *k == t)
+            .map(|(_, v)| v.clone())
+            .expect("tag")
+    };
     let prompt = tag(0x0110);
     let (key, json_text) = prompt.split_once(':').expect("key:value");
     assert_eq!(key, "prompt");
-    assert_eq!(serde_json::from_str::<Value>(json_text).expect("json"), task.options.prompt.clone().expect("set"));
+    assert_eq!(
+        serde_json::from_str::<Value>(json_text).expect("json"),
+        task.options.prompt.clone().expect("set")
+    );
     assert_eq!(tag(0x010F), format!("workflow:{workflow}"));
     assert!(tag(0x010E).starts_with("parameters:an astronaut\n"));
     assert_eq!(tag(0x010D), "artist:Luna");
@@ -238,11 +389,19 @@ fn webp_with_alpha_keeps_alpha_and_exif() {
     let (rgb, w, h) = photo();
     let px = with_channels(&rgb, 4);
     let task = task_with_metadata(w, h, json!({}));
-    let out = encode(&ImageView::new(&px, w, h, 4).expect("view"), &options(ImageFormat::Webp), &Metadata::from_task(&task))
-        .expect("encode");
-    let names: Vec<String> = riff_chunks(&out.bytes).into_iter().map(|(k, _)| k).collect();
+    let out = encode(
+        &ImageView::new(&px, w, h, 4).expect("view"),
+        &options(ImageFormat::Webp),
+        &Metadata::from_task(&task),
+    )
+    .expect("encode");
+    let names: Vec<String> = riff_chunks(&out.bytes)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
     assert_eq!(names, ["VP8X", "ALPH", "VP8 ", "EXIF"]);
-    let decoded = image::load_from_memory_with_format(&out.bytes, image::ImageFormat::WebP).expect("decode");
+    let decoded =
+        image::load_from_memory_with_format(&out.bytes, image::ImageFormat::WebP).expect("decode");
     assert!(decoded.color().has_alpha());
 }
 
@@ -251,26 +410,52 @@ fn jpeg_quality_gray_and_rgba_flattening() {
     let (rgb, w, h) = photo();
     let view = ImageView::new(&rgb, w, h, 3).expect("view");
     let out = encode(&view, &options(ImageFormat::Jpeg), &Metadata::default()).expect("encode");
-    let decoded = image::load_from_memory_with_format(&out.bytes, image::ImageFormat::Jpeg).expect("decode");
+    let decoded =
+        image::load_from_memory_with_format(&out.bytes, image::ImageFormat::Jpeg).expect("decode");
     let db = psnr(&rgb, decoded.to_rgb8().as_raw());
     assert!(db >= 35.0, "JPEG at 90: {db:.2} dB");
     assert!(out.sidecar.is_none());
 
     let gray = with_channels(&rgb, 1);
-    let out = encode(&ImageView::new(&gray, w, h, 1).expect("view"), &options(ImageFormat::Jpeg), &Metadata::default())
-        .expect("encode");
-    let decoder = image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(&out.bytes)).expect("decoder");
-    assert_eq!(decoder.color_type(), image::ColorType::L8, "gray stays gray");
+    let out = encode(
+        &ImageView::new(&gray, w, h, 1).expect("view"),
+        &options(ImageFormat::Jpeg),
+        &Metadata::default(),
+    )
+    .expect("encode");
+    let decoder =
+        image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(&out.bytes)).expect("decoder");
+    assert_eq!(
+        decoder.color_type(),
+        image::ColorType::L8,
+        "gray stays gray"
+    );
 
     // Fully transparent red becomes white; opaque red stays red.
-    let rgba = [255u8, 0, 0, 0].repeat(64).into_iter().chain([255u8, 0, 0, 255].repeat(64)).collect::<Vec<u8>>();
-    let out = encode(&ImageView::new(&rgba, 8, 16, 4).expect("view"), &options(ImageFormat::Jpeg), &Metadata::default())
-        .expect("encode");
-    let decoded = image::load_from_memory(&out.bytes).expect("decode").to_rgb8();
+    let rgba = [255u8, 0, 0, 0]
+        .repeat(64)
+        .into_iter()
+        .chain([255u8, 0, 0, 255].repeat(64))
+        .collect::<Vec<u8>>();
+    let out = encode(
+        &ImageView::new(&rgba, 8, 16, 4).expect("view"),
+        &options(ImageFormat::Jpeg),
+        &Metadata::default(),
+    )
+    .expect("encode");
+    let decoded = image::load_from_memory(&out.bytes)
+        .expect("decode")
+        .to_rgb8();
     let top = decoded.get_pixel(4, 2).0;
     let bottom = decoded.get_pixel(4, 13).0;
-    assert!(top.iter().all(|&c| c > 240), "transparent flattens onto white: {top:?}");
-    assert!(bottom[0] > 230 && bottom[1] < 30 && bottom[2] < 30, "opaque stays red: {bottom:?}");
+    assert!(
+        top.iter().all(|&c| c > 240),
+        "transparent flattens onto white: {top:?}"
+    );
+    assert!(
+        bottom[0] > 230 && bottom[1] < 30 && bottom[2] < 30,
+        "opaque stays red: {bottom:?}"
+    );
 }
 
 fn jpeg_exif(jpeg: &[u8]) -> Option<Vec<u8>> {
@@ -294,25 +479,48 @@ fn jpeg_carries_exif_and_spills_oversized_metadata_to_a_sidecar() {
     let (rgb, w, h) = photo();
     let view = ImageView::new(&rgb, w, h, 3).expect("view");
     let small = task_with_metadata(w, h, json!({"nodes": []}));
-    let out = encode(&view, &options(ImageFormat::Jpeg), &Metadata::from_task(&small)).expect("encode");
+    let out = encode(
+        &view,
+        &options(ImageFormat::Jpeg),
+        &Metadata::from_task(&small),
+    )
+    .expect("encode");
     assert!(out.sidecar.is_none());
     let tags = exif_ascii_tags(&jpeg_exif(&out.bytes).expect("APP1 Exif"));
-    assert!(tags.iter().any(|(t, v)| *t == 0x010F && v == "workflow:{\"nodes\":[]}"));
+    assert!(
+        tags.iter()
+            .any(|(t, v)| *t == 0x010F && v == "workflow:{\"nodes\":[]}")
+    );
 
     // A 200 KB workflow cannot fit in one APP1 segment.
-    let nodes: Vec<Value> = (0..2000).map(|i| json!({"id": i, "type": "KSampler", "widgets": "x".repeat(80)})).collect();
+    let nodes: Vec<Value> = (0..2000)
+        .map(|i| json!({"id": i, "type": "KSampler", "widgets": "x".repeat(80)}))
+        .collect();
     let big_workflow = json!({ "nodes": nodes });
     let big = task_with_metadata(w, h, big_workflow.clone());
-    let out = encode(&view, &options(ImageFormat::Jpeg), &Metadata::from_task(&big)).expect("encode");
-    image::load_from_memory_with_format(&out.bytes, image::ImageFormat::Jpeg).expect("image stays valid");
-    let sidecar: Value = serde_json::from_slice(&out.sidecar.expect("sidecar")).expect("sidecar is JSON");
+    let out = encode(
+        &view,
+        &options(ImageFormat::Jpeg),
+        &Metadata::from_task(&big),
+    )
+    .expect("encode");
+    image::load_from_memory_with_format(&out.bytes, image::ImageFormat::Jpeg)
+        .expect("image stays valid");
+    let sidecar: Value =
+        serde_json::from_slice(&out.sidecar.expect("sidecar")).expect("sidecar is JSON");
     assert_eq!(sidecar["workflow"], big_workflow, "nothing dropped");
     assert_eq!(sidecar["prompt"], big.options.prompt.clone().expect("set"));
     assert_eq!(sidecar["luna_job_id"], "job-42");
     let tags = exif_ascii_tags(&jpeg_exif(&out.bytes).expect("APP1 Exif"));
     let values: Vec<&str> = tags.iter().map(|(_, v)| v.as_str()).collect();
-    assert!(values.iter().any(|v| v.starts_with("luna_sidecar:")), "{values:?}");
-    assert!(values.iter().any(|v| *v == "luna_job_id:job-42"));
-    assert!(values.iter().any(|v| v.starts_with("prompt:")), "the small prompt still fits");
+    assert!(
+        values.iter().any(|v| v.starts_with("luna_sidecar:")),
+        "{values:?}"
+    );
+    assert!(values.contains(&"luna_job_id:job-42"));
+    assert!(
+        values.iter().any(|v| v.starts_with("prompt:")),
+        "the small prompt still fits"
+    );
     assert!(!values.iter().any(|v| v.starts_with("workflow:")));
 }

@@ -68,6 +68,9 @@ pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
         path: e.path().to_string(),
         message: e.into_inner().to_string(),
     })?;
-    de.end().map_err(|e| DecodeError::Json { path: ".".into(), message: e.to_string() })?;
+    de.end().map_err(|e| DecodeError::Json {
+        path: ".".into(),
+        message: e.to_string(),
+    })?;
     Ok(value)
 }

@@ -99,7 +99,11 @@ impl EventKind {
 impl Event {
     /// An event stamped now.
     pub fn now(job_id: JobId, kind: EventKind) -> Self {
-        Self { job_id, timestamp: Utc::now(), kind }
+        Self {
+            job_id,
+            timestamp: Utc::now(),
+            kind,
+        }
     }
 
     pub fn name(&self) -> &'static str {

@@ -34,8 +34,13 @@ impl JobId {
     pub fn parse(s: &str) -> Result<Self, InvalidJobId> {
         let valid = !s.is_empty()
             && s.len() <= MAX_JOB_ID_LEN
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if valid { Ok(Self(s.to_owned())) } else { Err(InvalidJobId) }
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if valid {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidJobId)
+        }
     }
 
     pub fn as_str(&self) -> &str {

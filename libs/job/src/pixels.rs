@@ -114,7 +114,10 @@ mod tests {
         let mp = rmp_serde::to_vec(&p).expect("msgpack");
         assert_eq!(mp, [0xc4, 4, 0, 1, 2, 255], "bin 8 marker, length, bytes");
         assert_eq!(rmp_serde::from_slice::<Pixels>(&mp).expect("decode"), p);
-        assert_eq!(serde_json::from_str::<Pixels>("\"AAEC/w==\"").expect("decode"), p);
+        assert_eq!(
+            serde_json::from_str::<Pixels>("\"AAEC/w==\"").expect("decode"),
+            p
+        );
     }
 
     #[test]

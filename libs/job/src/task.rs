@@ -41,7 +41,10 @@ impl std::fmt::Display for TaskKey {
 
 impl SaveTask {
     pub fn key(&self) -> TaskKey {
-        TaskKey { job_id: self.job_id.clone(), image_index: self.image_index }
+        TaskKey {
+            job_id: self.job_id.clone(),
+            image_index: self.image_index,
+        }
     }
 }
 

@@ -44,7 +44,10 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -73,7 +76,11 @@ impl fmt::Display for ValidationError {
 impl ValidationError {
     /// `Ok` when nothing was found.
     pub fn check(problems: Vec<Problem>) -> Result<(), Self> {
-        if problems.is_empty() { Ok(()) } else { Err(Self(problems)) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Self(problems))
+        }
     }
 }
 
@@ -87,11 +94,18 @@ impl SaveRequest {
         options_problems(&self.options(), &mut out);
         let images = &self.images;
         if images.is_empty() {
-            out.push(Problem::new("images", "is empty; a job needs at least one image"));
+            out.push(Problem::new(
+                "images",
+                "is empty; a job needs at least one image",
+            ));
         } else if images.len() > limits.max_images {
             out.push(Problem::new(
                 "images",
-                format!("has {} images; at most {} are allowed per job", images.len(), limits.max_images),
+                format!(
+                    "has {} images; at most {} are allowed per job",
+                    images.len(),
+                    limits.max_images
+                ),
             ));
         }
         for (i, image) in images.iter().enumerate() {
@@ -111,13 +125,20 @@ impl SaveTask {
         if self.schema_version != crate::SCHEMA_VERSION {
             out.push(Problem::new(
                 "schema_version",
-                format!("is {}; this build understands {}", self.schema_version, crate::SCHEMA_VERSION),
+                format!(
+                    "is {}; this build understands {}",
+                    self.schema_version,
+                    crate::SCHEMA_VERSION
+                ),
             ));
         }
         if self.num_images == 0 || self.image_index >= self.num_images {
             out.push(Problem::new(
                 "image_index",
-                format!("is {} of num_images {}; it must be below num_images", self.image_index, self.num_images),
+                format!(
+                    "is {} of num_images {}; it must be below num_images",
+                    self.image_index, self.num_images
+                ),
             ));
         }
         options_problems(&self.options, &mut out);
@@ -129,14 +150,23 @@ impl SaveTask {
 fn options_problems(o: &SaveOptions, out: &mut Vec<Problem>) {
     for (field, value) in [("save_path", &o.save_path), ("filename", &o.filename)] {
         if value.len() > MAX_TEMPLATE_LEN {
-            out.push(Problem::new(field, format!("is {} bytes long; at most {MAX_TEMPLATE_LEN}", value.len())));
+            out.push(Problem::new(
+                field,
+                format!("is {} bytes long; at most {MAX_TEMPLATE_LEN}", value.len()),
+            ));
         }
     }
     if o.filename.trim().is_empty() {
-        out.push(Problem::new("filename", "is empty; give a template such as \"%time:YYYY-mm-dd%_%model_name%\""));
+        out.push(Problem::new(
+            "filename",
+            "is empty; give a template such as \"%time:YYYY-mm-dd%_%model_name%\"",
+        ));
     }
     if o.index < 0 {
-        out.push(Problem::new("index", format!("is {}; it must be 0 or more", o.index)));
+        out.push(Problem::new(
+            "index",
+            format!("is {}; it must be 0 or more", o.index),
+        ));
     }
     if !(0.0..=1.0).contains(&o.min_quality_threshold) {
         out.push(Problem::new(
@@ -145,18 +175,23 @@ fn options_problems(o: &SaveOptions, out: &mut Vec<Problem>) {
         ));
     }
     if !(0..=9).contains(&o.png_compression) {
-        out.push(Problem::new("png_compression", format!("is {}; allowed 0 to 9", o.png_compression)));
+        out.push(Problem::new(
+            "png_compression",
+            format!("is {}; allowed 0 to 9", o.png_compression),
+        ));
     }
     if !(70..=100).contains(&o.lossy_quality) {
-        out.push(Problem::new("lossy_quality", format!("is {}; allowed 70 to 100", o.lossy_quality)));
+        out.push(Problem::new(
+            "lossy_quality",
+            format!("is {}; allowed 70 to 100", o.lossy_quality),
+        ));
     }
     for (field, value) in [("prompt", &o.prompt), ("metadata", &o.metadata)] {
         object_or_null(field, value.as_ref(), out);
     }
-    if object_or_null("extra_pnginfo", o.extra_pnginfo.as_ref(), out) {
-        if let Some(Value::Object(map)) = &o.extra_pnginfo {
-            metadata_key_problems("extra_pnginfo", map.keys(), &[], out);
-        }
+    object_or_null("extra_pnginfo", o.extra_pnginfo.as_ref(), out);
+    if let Some(Value::Object(map)) = &o.extra_pnginfo {
+        metadata_key_problems("extra_pnginfo", map.keys(), &[], out);
     }
     match o.custom_metadata_object() {
         Ok(Some(map)) => {
@@ -171,14 +206,11 @@ fn options_problems(o: &SaveOptions, out: &mut Vec<Problem>) {
     }
 }
 
-/// Records a problem unless `value` is absent, null or an object; returns whether it was fine.
-fn object_or_null(field: &str, value: Option<&Value>, out: &mut Vec<Problem>) -> bool {
-    match value {
-        None | Some(Value::Null | Value::Object(_)) => true,
-        Some(other) => {
-            out.push(Problem::new(field, format!("must be an object or null, not {}", json_kind(other))));
-            false
-        }
+/// Records a problem unless `value` is absent, null or an object.
+fn object_or_null(field: &str, value: Option<&Value>, out: &mut Vec<Problem>) {
+    if let Some(other) = value.filter(|v| !matches!(v, Value::Null | Value::Object(_))) {
+        let message = format!("must be an object or null, not {}", json_kind(other));
+        out.push(Problem::new(field, message));
     }
 }
 
@@ -208,7 +240,10 @@ fn metadata_key_problems<'a>(
 pub fn check_png_keyword(key: &str) -> Result<(), String> {
     let chars: Vec<char> = key.chars().collect();
     if chars.is_empty() || chars.len() > 79 {
-        return Err(format!("is not a usable key: it must be 1 to 79 characters, not {}", chars.len()));
+        return Err(format!(
+            "is not a usable key: it must be 1 to 79 characters, not {}",
+            chars.len()
+        ));
     }
     let printable_latin1 = |c: char| matches!(u32::from(c), 0x20..=0x7e | 0xa1..=0xff);
     if !chars.iter().all(|&c| printable_latin1(c)) {
@@ -224,7 +259,10 @@ fn image_problems(field: &str, image: &ImageInput, out: &mut Vec<Problem>) {
     if !matches!(image.channels, 1 | 3 | 4) {
         out.push(Problem::new(
             format!("{field}.channels"),
-            format!("is {}; allowed 1 (gray), 3 (RGB) or 4 (RGBA)", image.channels),
+            format!(
+                "is {}; allowed 1 (gray), 3 (RGB) or 4 (RGBA)",
+                image.channels
+            ),
         ));
     }
     let max_side = image.format.max_side();
@@ -232,7 +270,10 @@ fn image_problems(field: &str, image: &ImageInput, out: &mut Vec<Problem>) {
         if value == 0 || value > max_side {
             out.push(Problem::new(
                 format!("{field}.{name}"),
-                format!("is {value}; allowed 1 to {max_side} for {}", image.format.as_str()),
+                format!(
+                    "is {value}; allowed 1 to {max_side} for {}",
+                    image.format.as_str()
+                ),
             ));
         }
     }
@@ -252,19 +293,31 @@ fn image_problems(field: &str, image: &ImageInput, out: &mut Vec<Problem>) {
     if image.affix.len() > MAX_AFFIX_LEN {
         out.push(Problem::new(
             format!("{field}.affix"),
-            format!("is {} bytes long; at most {MAX_AFFIX_LEN}", image.affix.len()),
+            format!(
+                "is {} bytes long; at most {MAX_AFFIX_LEN}",
+                image.affix.len()
+            ),
         ));
     }
     match (image.batch_index, image.batch_size) {
         (_, Some(size)) if size < 1 => {
-            out.push(Problem::new(format!("{field}.batch_size"), format!("is {size}; it must be 1 or more")));
+            out.push(Problem::new(
+                format!("{field}.batch_size"),
+                format!("is {size}; it must be 1 or more"),
+            ));
         }
         (Some(index), Some(size)) if !(0..size).contains(&index) => out.push(Problem::new(
             format!("{field}.batch_index"),
-            format!("is {index}; allowed 0 to {} for batch_size {size}", size - 1),
+            format!(
+                "is {index}; allowed 0 to {} for batch_size {size}",
+                size - 1
+            ),
         )),
         (Some(index), None) if index < 0 => {
-            out.push(Problem::new(format!("{field}.batch_index"), format!("is {index}; it must be 0 or more")));
+            out.push(Problem::new(
+                format!("{field}.batch_index"),
+                format!("is {index}; it must be 0 or more"),
+            ));
         }
         _ => {}
     }

@@ -2,7 +2,9 @@
 
 use chrono::{DateTime, FixedOffset};
 use luna_job::codec::{from_json, from_msgpack, to_json, to_msgpack};
-use luna_job::{Event, EventKind, ImageFormat, ImageInput, JobId, Limits, QualityGate, SaveRequest, SaveTask};
+use luna_job::{
+    Event, EventKind, ImageFormat, ImageInput, JobId, Limits, QualityGate, SaveRequest, SaveTask,
+};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -16,7 +18,12 @@ fn sample_request() -> SaveRequest {
         metadata: Some(json!({"seed": 42, "steps": 30, "positive": "a lighthouse, ünïcødé"})),
         custom_metadata: Some(json!("{\"artist\": \"me\"}")),
         images: vec![
-            ImageInput { pixels: vec![7; 2 * 3 * 3].into(), width: 2, height: 3, ..Default::default() },
+            ImageInput {
+                pixels: vec![7; 2 * 3 * 3].into(),
+                width: 2,
+                height: 3,
+                ..Default::default()
+            },
             ImageInput {
                 pixels: vec![9; 4 * 4 * 4].into(),
                 width: 4,
@@ -43,7 +50,10 @@ fn request_round_trips_through_msgpack_and_json() {
     let mp = to_msgpack(&req).expect("encode");
     assert_eq!(from_msgpack::<SaveRequest>(&mp).expect("decode"), req);
     let js = to_json(&req).expect("encode");
-    assert_eq!(from_json::<SaveRequest>(js.as_bytes()).expect("decode"), req);
+    assert_eq!(
+        from_json::<SaveRequest>(js.as_bytes()).expect("decode"),
+        req
+    );
 }
 
 #[test]
@@ -51,15 +61,27 @@ fn msgpack_uses_named_fields_and_bin_pixels() {
     let mp = to_msgpack(&sample_request()).expect("encode");
     // A generic reader sees a map keyed by the contract's names, with pixels as bytes.
     let v: rmpv::Value = rmpv::decode::read_value(&mut mp.as_slice()).expect("generic decode");
-    let images = v.as_map().expect("a map").iter().find(|(k, _)| k.as_str() == Some("images"));
+    let images = v
+        .as_map()
+        .expect("a map")
+        .iter()
+        .find(|(k, _)| k.as_str() == Some("images"));
     let first = images.expect("images key").1.as_array().expect("array")[0].clone();
-    let pixels = first.as_map().expect("map").iter().find(|(k, _)| k.as_str() == Some("pixels"));
-    assert!(matches!(pixels.expect("pixels key").1, rmpv::Value::Binary(_)));
+    let pixels = first
+        .as_map()
+        .expect("map")
+        .iter()
+        .find(|(k, _)| k.as_str() == Some("pixels"));
+    assert!(matches!(
+        pixels.expect("pixels key").1,
+        rmpv::Value::Binary(_)
+    ));
 }
 
 #[test]
 fn defaults_follow_the_contract() {
-    let req: SaveRequest = from_json(br#"{"images": [{"pixels": "AAAA", "width": 1, "height": 1}]}"#).expect("decode");
+    let req: SaveRequest =
+        from_json(br#"{"images": [{"pixels": "AAAA", "width": 1, "height": 1}]}"#).expect("decode");
     assert_eq!(req.filename, "%time:YYYY_mm_dd.HH.MM.SS%_%model_name%");
     assert_eq!(req.save_path, "");
     assert_eq!(req.index, 0);
@@ -71,21 +93,30 @@ fn defaults_follow_the_contract() {
     assert!(!req.lossless_webp);
     assert!(req.embed_workflow);
     let image = &req.images[0];
-    assert_eq!((image.channels, image.format, image.subdir), (3, ImageFormat::Png, true));
+    assert_eq!(
+        (image.channels, image.format, image.subdir),
+        (3, ImageFormat::Png, true)
+    );
     assert_eq!(image.affix, "");
     req.validate(&Limits::default()).expect("valid");
 }
 
 #[test]
 fn unknown_fields_are_ignored_and_wrong_types_name_the_field() {
-    let ok: SaveRequest =
-        from_json(br#"{"future_field": 1, "images": [{"pixels": "AAAA", "width": 1, "height": 1, "x": []}]}"#)
-            .expect("unknown fields ignored");
+    let ok: SaveRequest = from_json(
+        br#"{"future_field": 1, "images": [{"pixels": "AAAA", "width": 1, "height": 1, "x": []}]}"#,
+    )
+    .expect("unknown fields ignored");
     assert_eq!(ok.images.len(), 1);
-    let err = from_json::<SaveRequest>(br#"{"images": [{"width": "wide"}]}"#).expect_err("wrong type");
+    let err =
+        from_json::<SaveRequest>(br#"{"images": [{"width": "wide"}]}"#).expect_err("wrong type");
     assert!(err.to_string().contains("images[0].width"), "{err}");
-    let err = from_json::<SaveRequest>(br#"{"images": [{"format": "gif"}]}"#).expect_err("bad format");
-    assert!(err.to_string().contains("images[0].format") && err.to_string().contains("gif"), "{err}");
+    let err =
+        from_json::<SaveRequest>(br#"{"images": [{"format": "gif"}]}"#).expect_err("bad format");
+    assert!(
+        err.to_string().contains("images[0].format") && err.to_string().contains("gif"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -97,8 +128,16 @@ fn tasks_carry_the_job_and_round_trip() {
         assert_eq!(task.image_index as usize, i);
         assert_eq!(task.num_images, 2);
         assert_eq!(task.job_id, job);
-        assert_eq!(task.submitted_at.offset().local_minus_utc(), 3600, "offset survives");
-        assert_eq!(task.options.custom_metadata, Some(json!({"artist": "me"})), "JSON string parsed once");
+        assert_eq!(
+            task.submitted_at.offset().local_minus_utc(),
+            3600,
+            "offset survives"
+        );
+        assert_eq!(
+            task.options.custom_metadata,
+            Some(json!({"artist": "me"})),
+            "JSON string parsed once"
+        );
         task.validate().expect("valid task");
         let back: SaveTask = from_msgpack(&to_msgpack(task).expect("encode")).expect("decode");
         assert_eq!(&back, task);
@@ -110,14 +149,23 @@ fn events_are_flat_objects_with_the_contract_names() {
     let job = JobId::parse("job-1").expect("id");
     let event = Event::now(
         job,
-        EventKind::ImageFailed { index: 2, error: "disk full".into(), attempt: 3, is_final: true },
+        EventKind::ImageFailed {
+            index: 2,
+            error: "disk full".into(),
+            attempt: 3,
+            is_final: true,
+        },
     );
-    let v: serde_json::Value = serde_json::from_str(&to_json(&event).expect("json")).expect("parse");
+    let v: serde_json::Value =
+        serde_json::from_str(&to_json(&event).expect("json")).expect("parse");
     assert_eq!(v["event"], "image_failed");
     assert_eq!(v["job_id"], "job-1");
     assert_eq!(v["final"], true);
     assert_eq!(v["index"], 2);
-    assert!(v["timestamp"].as_str().expect("string").ends_with('Z'), "RFC 3339 UTC");
+    assert!(
+        v["timestamp"].as_str().expect("string").ends_with('Z'),
+        "RFC 3339 UTC"
+    );
     let back: Event = from_msgpack(&to_msgpack(&event).expect("encode")).expect("decode");
     assert_eq!(back, event);
 }

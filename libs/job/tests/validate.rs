@@ -5,7 +5,13 @@ use serde_json::json;
 
 fn image(width: u32, height: u32, channels: u32) -> ImageInput {
     let len = (width * height * channels) as usize;
-    ImageInput { pixels: vec![0; len].into(), width, height, channels, ..Default::default() }
+    ImageInput {
+        pixels: vec![0; len].into(),
+        width,
+        height,
+        channels,
+        ..Default::default()
+    }
 }
 
 fn problems(req: &SaveRequest) -> Vec<String> {
@@ -17,7 +23,10 @@ fn problems(req: &SaveRequest) -> Vec<String> {
 
 #[test]
 fn a_good_request_passes() {
-    let req = SaveRequest { images: vec![image(8, 8, 3), image(8, 8, 1), image(8, 8, 4)], ..Default::default() };
+    let req = SaveRequest {
+        images: vec![image(8, 8, 3), image(8, 8, 1), image(8, 8, 4)],
+        ..Default::default()
+    };
     assert!(problems(&req).is_empty());
 }
 
@@ -51,8 +60,14 @@ fn every_problem_is_reported_with_field_value_and_range() {
 #[test]
 fn image_count_is_limited() {
     let none = SaveRequest::default();
-    assert_eq!(problems(&none), ["images is empty; a job needs at least one image"]);
-    let many = SaveRequest { images: vec![image(1, 1, 3); 6], ..Default::default() };
+    assert_eq!(
+        problems(&none),
+        ["images is empty; a job needs at least one image"]
+    );
+    let many = SaveRequest {
+        images: vec![image(1, 1, 3); 6],
+        ..Default::default()
+    };
     assert!(many.validate(&Limits { max_images: 5 }).is_err());
     assert!(many.validate(&Limits { max_images: 6 }).is_ok());
 }
@@ -63,9 +78,18 @@ fn sizes_are_checked_per_format() {
     webp.format = ImageFormat::Webp;
     webp.width = 16_384;
     webp.pixels = vec![0; 16_384 * 3].into();
-    let found = problems(&SaveRequest { images: vec![webp, image(0, 5, 3)], ..Default::default() });
-    assert!(found.contains(&"images[0].width is 16384; allowed 1 to 16383 for webp".to_owned()), "{found:?}");
-    assert!(found.contains(&"images[1].width is 0; allowed 1 to 65535 for png".to_owned()), "{found:?}");
+    let found = problems(&SaveRequest {
+        images: vec![webp, image(0, 5, 3)],
+        ..Default::default()
+    });
+    assert!(
+        found.contains(&"images[0].width is 16384; allowed 1 to 16383 for webp".to_owned()),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&"images[1].width is 0; allowed 1 to 65535 for png".to_owned()),
+        "{found:?}"
+    );
 }
 
 #[test]
@@ -78,20 +102,43 @@ fn metadata_must_be_objects_with_embeddable_keys() {
         ..Default::default()
     };
     let found = problems(&req);
-    assert!(found.contains(&"prompt must be an object or null, not an array".to_owned()), "{found:?}");
-    assert!(found.iter().any(|f| f.starts_with("extra_pnginfo.\" bad\" is not a usable key")), "{found:?}");
+    assert!(
+        found.contains(&"prompt must be an object or null, not an array".to_owned()),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|f| f.starts_with("extra_pnginfo.\" bad\" is not a usable key")),
+        "{found:?}"
+    );
     assert!(found.iter().any(|f| f.starts_with("custom_metadata.\"prompt\" is a key Luna Saver already writes")));
-    assert!(found.iter().any(|f| f.starts_with("custom_metadata.\"workflow\" is a key")), "{found:?}");
+    assert!(
+        found
+            .iter()
+            .any(|f| f.starts_with("custom_metadata.\"workflow\" is a key")),
+        "{found:?}"
+    );
     assert_eq!(found.len(), 4, "{found:#?}");
 }
 
 #[test]
 fn custom_metadata_may_be_a_json_string_but_not_free_text() {
-    let with = |v| SaveRequest { custom_metadata: Some(v), images: vec![image(1, 1, 3)], ..Default::default() };
+    let with = |v| SaveRequest {
+        custom_metadata: Some(v),
+        images: vec![image(1, 1, 3)],
+        ..Default::default()
+    };
     assert!(problems(&with(json!("{\"artist\": \"me\"}"))).is_empty());
-    assert!(problems(&with(json!(""))).is_empty(), "an empty text box means no metadata");
+    assert!(
+        problems(&with(json!(""))).is_empty(),
+        "an empty text box means no metadata"
+    );
     let found = problems(&with(json!("artist=me")));
-    assert!(found[0].starts_with("custom_metadata is a string but not valid JSON"), "{found:?}");
+    assert!(
+        found[0].starts_with("custom_metadata is a string but not valid JSON"),
+        "{found:?}"
+    );
     let found = problems(&with(json!(42)));
     assert!(found[0].contains("not a number"), "{found:?}");
 }
@@ -101,6 +148,12 @@ fn batch_fields_are_consistent() {
     let mut img = image(1, 1, 3);
     img.batch_index = Some(3);
     img.batch_size = Some(2);
-    let found = problems(&SaveRequest { images: vec![img], ..Default::default() });
-    assert_eq!(found, ["images[0].batch_index is 3; allowed 0 to 1 for batch_size 2"]);
+    let found = problems(&SaveRequest {
+        images: vec![img],
+        ..Default::default()
+    });
+    assert_eq!(
+        found,
+        ["images[0].batch_index is 3; allowed 0 to 1 for batch_size 2"]
+    );
 }

@@ -63,5 +63,10 @@ pub trait Store: Send + Sync {
     ///
     /// # Errors
     /// [`StoreError`] when the backend fails.
-    fn put(&self, key: &TaskKey, placement: &Placement, file: &Encoded) -> Result<Stored, StoreError>;
+    fn put(
+        &self,
+        key: &TaskKey,
+        placement: &Placement,
+        file: &Encoded,
+    ) -> Result<Stored, StoreError>;
 }

@@ -47,7 +47,10 @@ pub struct LocalStore {
 impl LocalStore {
     /// A store writing below `root` (created on first use).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), use_xattrs: true }
+        Self {
+            root: root.into(),
+            use_xattrs: true,
+        }
     }
 
     /// Chooses whether files are recognised by extended attribute (default) or only by
@@ -65,7 +68,11 @@ impl LocalStore {
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
     let path = path.to_owned();
-    move |source| StoreError::Io { action, path, source }
+    move |source| StoreError::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 /// An exclusively locked temp file, removed when dropped.
@@ -102,8 +109,12 @@ impl TempFile {
     /// Replaces the content with `bytes` and makes it durable. The tag stays on the inode.
     fn fill(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         let path = &self.path;
-        self.file.set_len(0).map_err(io_err("truncate temp file", path))?;
-        (&self.file).write_all(bytes).map_err(io_err("write", path))?;
+        self.file
+            .set_len(0)
+            .map_err(io_err("truncate temp file", path))?;
+        (&self.file)
+            .write_all(bytes)
+            .map_err(io_err("write", path))?;
         self.file.sync_all().map_err(io_err("fsync", path))
     }
 }
@@ -137,20 +148,40 @@ impl Identity<'_> {
 }
 
 impl Store for LocalStore {
-    fn put(&self, key: &TaskKey, placement: &Placement, file: &Encoded) -> Result<Stored, StoreError> {
-        let dir = placement.dirs.iter().fold(self.root.clone(), |p, d| p.join(d));
+    fn put(
+        &self,
+        key: &TaskKey,
+        placement: &Placement,
+        file: &Encoded,
+    ) -> Result<Stored, StoreError> {
+        let dir = placement
+            .dirs
+            .iter()
+            .fold(self.root.clone(), |p, d| p.join(d));
         fs::create_dir_all(&dir).map_err(io_err("create folder", &dir))?;
         let tag = key.to_string();
-        let temp_name = |suffix: &str| dir.join(format!(".luna-{}-{}{suffix}.tmp", key.job_id, key.image_index));
+        let temp_name = |suffix: &str| {
+            dir.join(format!(
+                ".luna-{}-{}{suffix}.tmp",
+                key.job_id, key.image_index
+            ))
+        };
         let mut temp = TempFile::lock(temp_name(""))?;
         let tagged = self.use_xattrs && temp.tag(&tag)?;
-        let identity = if tagged { Identity::Xattr(&tag) } else { Identity::Content(&file.bytes) };
+        let identity = if tagged {
+            Identity::Xattr(&tag)
+        } else {
+            Identity::Content(&file.bytes)
+        };
 
         let mut n = 0;
         let mut filled = false;
         let (n, already_stored) = loop {
             if n >= MAX_CANDIDATES {
-                return Err(StoreError::NamesExhausted { stem: placement.stem.clone(), candidates: n });
+                return Err(StoreError::NamesExhausted {
+                    stem: placement.stem.clone(),
+                    candidates: n,
+                });
             }
             let target = dir.join(placement.file_name(n));
             match fs::symlink_metadata(&target) {
@@ -189,7 +220,13 @@ impl Store for LocalStore {
             }
         }
         drop(temp);
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("fsync folder", &dir))?;
-        Ok(Stored { path: placement.relative_path(n), bytes: file.bytes.len() as u64, already_stored })
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("fsync folder", &dir))?;
+        Ok(Stored {
+            path: placement.relative_path(n),
+            bytes: file.bytes.len() as u64,
+            already_stored,
+        })
     }
 }

@@ -48,10 +48,14 @@ impl PlacementError {
             Self::SavePath(e) => ("save_path".to_owned(), e.to_string()),
             Self::Filename(e) => ("filename".to_owned(), e.to_string()),
             Self::EmptyName => ("filename".to_owned(), "renders to an empty name".to_owned()),
-            Self::Affix(a) => (format!("{image_field}.affix"), format!("{a:?} cannot be a folder name")),
-            Self::TooLong(name) => {
-                ("filename".to_owned(), format!("renders to {name:?}, longer than {MAX_STEM_LEN} bytes"))
-            }
+            Self::Affix(a) => (
+                format!("{image_field}.affix"),
+                format!("{a:?} cannot be a folder name"),
+            ),
+            Self::TooLong(name) => (
+                "filename".to_owned(),
+                format!("renders to {name:?}, longer than {MAX_STEM_LEN} bytes"),
+            ),
         };
         Problem::new(field, message)
     }
@@ -65,8 +69,13 @@ impl Placement {
     /// empty or over-long name, or the affix is not a usable folder name.
     pub fn for_task(task: &SaveTask) -> Result<Self, PlacementError> {
         let o = &task.options;
-        let ctx = TemplateContext { model_name: &o.model_name, index: o.index, time: task.submitted_at };
-        let mut dirs = template::render_relative(&o.save_path, &ctx).map_err(PlacementError::SavePath)?;
+        let ctx = TemplateContext {
+            model_name: &o.model_name,
+            index: o.index,
+            time: task.submitted_at,
+        };
+        let mut dirs =
+            template::render_relative(&o.save_path, &ctx).map_err(PlacementError::SavePath)?;
         let affix = template::sanitize(&task.image.affix).replace('/', "_");
         if task.image.subdir && !affix.is_empty() {
             if affix == "." || affix == ".." {
@@ -74,7 +83,8 @@ impl Placement {
             }
             dirs.push(affix.clone());
         }
-        let mut name_parts = template::render_relative(&o.filename, &ctx).map_err(PlacementError::Filename)?;
+        let mut name_parts =
+            template::render_relative(&o.filename, &ctx).map_err(PlacementError::Filename)?;
         let mut stem = name_parts.pop().ok_or(PlacementError::EmptyName)?;
         dirs.extend(name_parts);
         if !affix.is_empty() {
@@ -87,19 +97,30 @@ impl Placement {
         if stem.len() > MAX_STEM_LEN {
             return Err(PlacementError::TooLong(stem));
         }
-        Ok(Self { dirs, stem, ext: task.image.format.extension() })
+        Ok(Self {
+            dirs,
+            stem,
+            ext: task.image.format.extension(),
+        })
     }
 
     /// The same name in the `_discarded/` folder beside this one.
     pub fn discarded(&self) -> Self {
         let mut dirs = self.dirs.clone();
         dirs.push(DISCARDED_DIR.to_owned());
-        Self { dirs, ..self.clone() }
+        Self {
+            dirs,
+            ..self.clone()
+        }
     }
 
     /// The file name with collision number `n` (0 = none, then `_1`, `_2`, ...).
     pub fn file_name(&self, n: u32) -> String {
-        if n == 0 { format!("{}.{}", self.stem, self.ext) } else { format!("{}_{n}.{}", self.stem, self.ext) }
+        if n == 0 {
+            format!("{}.{}", self.stem, self.ext)
+        } else {
+            format!("{}_{n}.{}", self.stem, self.ext)
+        }
     }
 
     /// `dirs/file_name(n)`, `/`-separated.

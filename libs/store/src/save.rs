@@ -11,9 +11,17 @@ use crate::{Store, StoreError, Stored};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The image passed its gate (or had none) and was stored.
-    Saved { stored: Stored, quality_score: Option<f64> },
+    Saved {
+        stored: Stored,
+        quality_score: Option<f64>,
+    },
     /// The gate rejected it; with `keep_rejected` it was stored under `_discarded/`.
-    Rejected { gate: QualityGate, score: f64, threshold: f64, stored: Option<Stored> },
+    Rejected {
+        gate: QualityGate,
+        score: f64,
+        threshold: f64,
+        stored: Option<Stored>,
+    },
 }
 
 /// Why a task was not saved.
@@ -58,7 +66,12 @@ pub fn save_task(task: &SaveTask, store: &dyn Store) -> Result<Outcome, SaveErro
     let rejected = matches!(verdict, Some(Verdict { passed: false, .. }));
     if rejected && !o.keep_rejected {
         let score = verdict.map_or(0.0, |v| v.score);
-        return Ok(Outcome::Rejected { gate: o.quality_gate, score, threshold: o.min_quality_threshold, stored: None });
+        return Ok(Outcome::Rejected {
+            gate: o.quality_gate,
+            score,
+            threshold: o.min_quality_threshold,
+            stored: None,
+        });
     }
 
     let options = EncodeOptions {
@@ -69,12 +82,22 @@ pub fn save_task(task: &SaveTask, store: &dyn Store) -> Result<Outcome, SaveErro
         lossless_webp: o.lossless_webp,
     };
     let encoded = luna_imaging::encode(&view, &options, &Metadata::from_task(task))?;
-    let target = if rejected { placement.discarded() } else { placement };
+    let target = if rejected {
+        placement.discarded()
+    } else {
+        placement
+    };
     let stored = store.put(&task.key(), &target, &encoded)?;
     Ok(match verdict {
-        Some(v) if !v.passed => {
-            Outcome::Rejected { gate: o.quality_gate, score: v.score, threshold: o.min_quality_threshold, stored: Some(stored) }
-        }
-        _ => Outcome::Saved { stored, quality_score: verdict.map(|v| v.score) },
+        Some(v) if !v.passed => Outcome::Rejected {
+            gate: o.quality_gate,
+            score: v.score,
+            threshold: o.min_quality_threshold,
+            stored: Some(stored),
+        },
+        _ => Outcome::Saved {
+            stored,
+            quality_score: verdict.map(|v| v.score),
+        },
     })
 }

@@ -16,7 +16,15 @@ fn task(req: SaveRequest) -> SaveTask {
 }
 
 fn image(affix: &str, format: ImageFormat, subdir: bool) -> ImageInput {
-    ImageInput { pixels: vec![0; 12].into(), width: 2, height: 2, affix: affix.into(), format, subdir, ..Default::default() }
+    ImageInput {
+        pixels: vec![0; 12].into(),
+        width: 2,
+        height: 2,
+        affix: affix.into(),
+        format,
+        subdir,
+        ..Default::default()
+    }
 }
 
 fn path_of(req: SaveRequest) -> Result<String, PlacementError> {
@@ -32,8 +40,14 @@ fn placement_follows_the_contract() {
         index: 3,
         ..Default::default()
     };
-    let with = |img: ImageInput| SaveRequest { images: vec![img], ..base() };
-    assert_eq!(path_of(with(image("", ImageFormat::Png, true))).expect("ok"), "juggernaut/2025-12-09/14.30.05_3.png");
+    let with = |img: ImageInput| SaveRequest {
+        images: vec![img],
+        ..base()
+    };
+    assert_eq!(
+        path_of(with(image("", ImageFormat::Png, true))).expect("ok"),
+        "juggernaut/2025-12-09/14.30.05_3.png"
+    );
     assert_eq!(
         path_of(with(image("FINAL", ImageFormat::Webp, true))).expect("ok"),
         "juggernaut/2025-12-09/FINAL/14.30.05_3_FINAL.webp"
@@ -45,29 +59,53 @@ fn placement_follows_the_contract() {
     let mut batch = image("UPSCALED", ImageFormat::Png, true);
     batch.batch_index = Some(2);
     batch.batch_size = Some(4);
-    assert_eq!(path_of(with(batch.clone())).expect("ok"), "juggernaut/2025-12-09/UPSCALED/14.30.05_3_UPSCALED_2.png");
+    assert_eq!(
+        path_of(with(batch.clone())).expect("ok"),
+        "juggernaut/2025-12-09/UPSCALED/14.30.05_3_UPSCALED_2.png"
+    );
     batch.batch_size = Some(1);
-    assert_eq!(path_of(with(batch)).expect("ok"), "juggernaut/2025-12-09/UPSCALED/14.30.05_3_UPSCALED.png");
+    assert_eq!(
+        path_of(with(batch)).expect("ok"),
+        "juggernaut/2025-12-09/UPSCALED/14.30.05_3_UPSCALED.png"
+    );
 }
 
 #[test]
 fn defaults_and_filename_folders() {
-    let req = SaveRequest { images: vec![image("", ImageFormat::Png, true)], ..Default::default() };
-    assert_eq!(path_of(req).expect("ok"), "2025_12_09.14.30.05_UnknownModel.png");
+    let req = SaveRequest {
+        images: vec![image("", ImageFormat::Png, true)],
+        ..Default::default()
+    };
+    assert_eq!(
+        path_of(req).expect("ok"),
+        "2025_12_09.14.30.05_UnknownModel.png"
+    );
     let req = SaveRequest {
         filename: "%model_dir%/%model_name%".into(),
         model_name: "SDXL\\dream.ckpt".into(),
         images: vec![image("A", ImageFormat::Png, true)],
         ..Default::default()
     };
-    assert_eq!(path_of(req).expect("ok"), "A/SDXL/dream_A.png", "filename folders go below the affix folder");
+    assert_eq!(
+        path_of(req).expect("ok"),
+        "A/SDXL/dream_A.png",
+        "filename folders go below the affix folder"
+    );
 }
 
 #[test]
 fn discarded_goes_beside_the_file() {
-    let t = task(SaveRequest { save_path: "out".into(), images: vec![image("X", ImageFormat::Png, true)], ..Default::default() });
+    let t = task(SaveRequest {
+        save_path: "out".into(),
+        images: vec![image("X", ImageFormat::Png, true)],
+        ..Default::default()
+    });
     let p = Placement::for_task(&t).expect("ok").discarded();
-    assert!(p.relative_path(0).starts_with("out/X/_discarded/"), "{}", p.relative_path(0));
+    assert!(
+        p.relative_path(0).starts_with("out/X/_discarded/"),
+        "{}",
+        p.relative_path(0)
+    );
 }
 
 #[test]
@@ -78,27 +116,59 @@ fn escaping_paths_and_bad_names_are_rejected() {
         images: vec![image(affix, ImageFormat::Png, true)],
         ..Default::default()
     };
-    assert!(matches!(path_of(with("/etc", "x", "")), Err(PlacementError::SavePath(_))));
-    assert!(matches!(path_of(with("a/../..", "x", "")), Err(PlacementError::SavePath(_))));
-    assert!(matches!(path_of(with("", "../x", "")), Err(PlacementError::Filename(_))));
-    assert!(matches!(path_of(with("", "./", "")), Err(PlacementError::EmptyName)));
-    assert!(matches!(path_of(with("", "x", "..")), Err(PlacementError::Affix(_))));
-    assert!(matches!(path_of(with("", &"x".repeat(300), "")), Err(PlacementError::TooLong(_))));
-    assert_eq!(path_of(with("", "x", "a/b")).expect("ok"), "a_b/x_a_b.png", "an affix is one folder");
+    assert!(matches!(
+        path_of(with("/etc", "x", "")),
+        Err(PlacementError::SavePath(_))
+    ));
+    assert!(matches!(
+        path_of(with("a/../..", "x", "")),
+        Err(PlacementError::SavePath(_))
+    ));
+    assert!(matches!(
+        path_of(with("", "../x", "")),
+        Err(PlacementError::Filename(_))
+    ));
+    assert!(matches!(
+        path_of(with("", "./", "")),
+        Err(PlacementError::EmptyName)
+    ));
+    assert!(matches!(
+        path_of(with("", "x", "..")),
+        Err(PlacementError::Affix(_))
+    ));
+    assert!(matches!(
+        path_of(with("", &"x".repeat(300), "")),
+        Err(PlacementError::TooLong(_))
+    ));
+    assert_eq!(
+        path_of(with("", "x", "a/b")).expect("ok"),
+        "a_b/x_a_b.png",
+        "an affix is one folder"
+    );
     let problem = PlacementError::Affix("..".into()).to_problem("images[1]");
     assert_eq!(problem.field, "images[1].affix");
 }
 
 fn encoded(bytes: &[u8]) -> Encoded {
-    Encoded { bytes: bytes.to_vec(), sidecar: None }
+    Encoded {
+        bytes: bytes.to_vec(),
+        sidecar: None,
+    }
 }
 
 fn placement(stem: &str) -> Placement {
-    Placement { dirs: vec!["a".into(), "b".into()], stem: stem.into(), ext: "png" }
+    Placement {
+        dirs: vec!["a".into(), "b".into()],
+        stem: stem.into(),
+        ext: "png",
+    }
 }
 
 fn key(job: &str, index: u32) -> TaskKey {
-    TaskKey { job_id: JobId::parse(job).expect("id"), image_index: index }
+    TaskKey {
+        job_id: JobId::parse(job).expect("id"),
+        image_index: index,
+    }
 }
 
 /// Every entry under `dir`, recursively, as relative paths.
@@ -111,7 +181,12 @@ fn listing(dir: &Path) -> Vec<String> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.push(p.strip_prefix(dir).expect("inside").to_string_lossy().into_owned());
+                out.push(
+                    p.strip_prefix(dir)
+                        .expect("inside")
+                        .to_string_lossy()
+                        .into_owned(),
+                );
             }
         }
     }
@@ -120,7 +195,10 @@ fn listing(dir: &Path) -> Vec<String> {
 }
 
 fn both_identities(root: &Path) -> [LocalStore; 2] {
-    [LocalStore::new(root.join("xattr")), LocalStore::new(root.join("content")).use_xattrs(false)]
+    [
+        LocalStore::new(root.join("xattr")),
+        LocalStore::new(root.join("content")).use_xattrs(false),
+    ]
 }
 
 #[test]
@@ -130,12 +208,26 @@ fn collisions_get_suffixes_and_nothing_is_replaced() {
         let dir = store.root().join("a/b");
         fs::create_dir_all(&dir).expect("mkdir");
         fs::write(dir.join("img.png"), b"someone else's file").expect("write");
-        let first = store.put(&key("job-a", 0), &placement("img"), &encoded(b"one")).expect("put");
-        let second = store.put(&key("job-b", 0), &placement("img"), &encoded(b"two")).expect("put");
-        assert_eq!((first.path.as_str(), second.path.as_str()), ("a/b/img_1.png", "a/b/img_2.png"));
-        assert_eq!(fs::read(dir.join("img.png")).expect("read"), b"someone else's file");
+        let first = store
+            .put(&key("job-a", 0), &placement("img"), &encoded(b"one"))
+            .expect("put");
+        let second = store
+            .put(&key("job-b", 0), &placement("img"), &encoded(b"two"))
+            .expect("put");
+        assert_eq!(
+            (first.path.as_str(), second.path.as_str()),
+            ("a/b/img_1.png", "a/b/img_2.png")
+        );
+        assert_eq!(
+            fs::read(dir.join("img.png")).expect("read"),
+            b"someone else's file"
+        );
         assert_eq!(fs::read(dir.join("img_2.png")).expect("read"), b"two");
-        assert_eq!(listing(&dir), ["img.png", "img_1.png", "img_2.png"], "no temp files left");
+        assert_eq!(
+            listing(&dir),
+            ["img.png", "img_1.png", "img_2.png"],
+            "no temp files left"
+        );
     }
 }
 
@@ -143,14 +235,29 @@ fn collisions_get_suffixes_and_nothing_is_replaced() {
 fn the_same_task_twice_writes_one_file() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for store in both_identities(tmp.path()) {
-        let first = store.put(&key("job-a", 1), &placement("img"), &encoded(b"pixels")).expect("put");
-        let mtime = fs::metadata(store.root().join(&first.path)).expect("stat").modified().expect("mtime");
+        let first = store
+            .put(&key("job-a", 1), &placement("img"), &encoded(b"pixels"))
+            .expect("put");
+        let mtime = fs::metadata(store.root().join(&first.path))
+            .expect("stat")
+            .modified()
+            .expect("mtime");
         // Another job takes the next name meanwhile; the redelivery must still find its own file.
-        store.put(&key("job-b", 1), &placement("img"), &encoded(b"other")).expect("put");
-        let again = store.put(&key("job-a", 1), &placement("img"), &encoded(b"pixels")).expect("put");
+        store
+            .put(&key("job-b", 1), &placement("img"), &encoded(b"other"))
+            .expect("put");
+        let again = store
+            .put(&key("job-a", 1), &placement("img"), &encoded(b"pixels"))
+            .expect("put");
         assert_eq!(again.path, first.path);
         assert!(again.already_stored && !first.already_stored);
-        assert_eq!(fs::metadata(store.root().join(&again.path)).expect("stat").modified().expect("mtime"), mtime);
+        assert_eq!(
+            fs::metadata(store.root().join(&again.path))
+                .expect("stat")
+                .modified()
+                .expect("mtime"),
+            mtime
+        );
         assert_eq!(listing(&store.root().join("a/b")), ["img.png", "img_1.png"]);
     }
 }
@@ -159,8 +266,12 @@ fn the_same_task_twice_writes_one_file() {
 fn xattr_identity_tells_equal_bytes_of_different_tasks_apart() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = LocalStore::new(tmp.path());
-    let a = store.put(&key("job-a", 0), &placement("img"), &encoded(b"same")).expect("put");
-    let b = store.put(&key("job-b", 0), &placement("img"), &encoded(b"same")).expect("put");
+    let a = store
+        .put(&key("job-a", 0), &placement("img"), &encoded(b"same"))
+        .expect("put");
+    let b = store
+        .put(&key("job-b", 0), &placement("img"), &encoded(b"same"))
+        .expect("put");
     assert_ne!(a.path, b.path);
 }
 
@@ -171,9 +282,18 @@ fn a_stale_partial_temp_file_is_never_published() {
     let dir = tmp.path().join("a/b");
     fs::create_dir_all(&dir).expect("mkdir");
     // What a saver killed mid-write leaves behind.
-    fs::write(dir.join(".luna-job-a-0.tmp"), b"partial garbage that is longer").expect("write");
-    let stored = store.put(&key("job-a", 0), &placement("img"), &encoded(b"full")).expect("put");
-    assert_eq!(fs::read(tmp.path().join(&stored.path)).expect("read"), b"full");
+    fs::write(
+        dir.join(".luna-job-a-0.tmp"),
+        b"partial garbage that is longer",
+    )
+    .expect("write");
+    let stored = store
+        .put(&key("job-a", 0), &placement("img"), &encoded(b"full"))
+        .expect("put");
+    assert_eq!(
+        fs::read(tmp.path().join(&stored.path)).expect("read"),
+        b"full"
+    );
     assert_eq!(listing(&dir), ["img.png"]);
 }
 
@@ -185,10 +305,14 @@ fn a_task_being_written_elsewhere_is_busy() {
     fs::create_dir_all(&dir).expect("mkdir");
     let other = fs::File::create(dir.join(".luna-job-a-0.tmp")).expect("create");
     rustix::fs::flock(&other, rustix::fs::FlockOperation::LockExclusive).expect("lock");
-    let err = store.put(&key("job-a", 0), &placement("img"), &encoded(b"x")).expect_err("busy");
+    let err = store
+        .put(&key("job-a", 0), &placement("img"), &encoded(b"x"))
+        .expect_err("busy");
     assert!(matches!(err, StoreError::Busy) && err.is_transient());
     drop(other);
-    store.put(&key("job-a", 0), &placement("img"), &encoded(b"x")).expect("free again");
+    store
+        .put(&key("job-a", 0), &placement("img"), &encoded(b"x"))
+        .expect("free again");
 }
 
 #[test]
@@ -198,16 +322,25 @@ fn concurrent_writers_of_one_task_make_one_file() {
     let paths: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|_| {
-                s.spawn(|| loop {
-                    match store.put(&key("job-a", 0), &placement("img"), &encoded(&[7; 100_000])) {
-                        Ok(stored) => return stored.path,
-                        Err(StoreError::Busy) => std::thread::yield_now(),
-                        Err(e) => panic!("{e}"),
+                s.spawn(|| {
+                    loop {
+                        match store.put(
+                            &key("job-a", 0),
+                            &placement("img"),
+                            &encoded(&[7; 100_000]),
+                        ) {
+                            Ok(stored) => return stored.path,
+                            Err(StoreError::Busy) => std::thread::yield_now(),
+                            Err(e) => panic!("{e}"),
+                        }
                     }
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
     });
     assert!(paths.iter().all(|p| p == "a/b/img.png"), "{paths:?}");
     assert_eq!(listing(&tmp.path().join("a/b")), ["img.png"]);
@@ -218,12 +351,25 @@ fn sidecars_are_published_and_completed_on_redelivery() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = LocalStore::new(tmp.path());
     // A first attempt that died between publishing the image and its sidecar.
-    store.put(&key("job-a", 0), &placement("img"), &encoded(b"jpeg")).expect("put");
-    let full = Encoded { bytes: b"jpeg".to_vec(), sidecar: Some(b"{\"workflow\": {}}".to_vec()) };
-    let stored = store.put(&key("job-a", 0), &placement("img"), &full).expect("put");
+    store
+        .put(&key("job-a", 0), &placement("img"), &encoded(b"jpeg"))
+        .expect("put");
+    let full = Encoded {
+        bytes: b"jpeg".to_vec(),
+        sidecar: Some(b"{\"workflow\": {}}".to_vec()),
+    };
+    let stored = store
+        .put(&key("job-a", 0), &placement("img"), &full)
+        .expect("put");
     assert!(stored.already_stored);
-    assert_eq!(fs::read(tmp.path().join("a/b/img.png.json")).expect("sidecar"), b"{\"workflow\": {}}");
-    assert_eq!(listing(&tmp.path().join("a/b")), ["img.png", "img.png.json"]);
+    assert_eq!(
+        fs::read(tmp.path().join("a/b/img.png.json")).expect("sidecar"),
+        b"{\"workflow\": {}}"
+    );
+    assert_eq!(
+        listing(&tmp.path().join("a/b")),
+        ["img.png", "img.png.json"]
+    );
 }
 
 fn gated(keep_rejected: bool, pixels: Vec<u8>) -> SaveTask {
@@ -233,7 +379,13 @@ fn gated(keep_rejected: bool, pixels: Vec<u8>) -> SaveTask {
         quality_gate: QualityGate::Variance,
         min_quality_threshold: 0.5,
         keep_rejected,
-        images: vec![ImageInput { pixels: pixels.into(), width: 4, height: 4, channels: 1, ..Default::default() }],
+        images: vec![ImageInput {
+            pixels: pixels.into(),
+            width: 4,
+            height: 4,
+            channels: 1,
+            ..Default::default()
+        }],
         ..Default::default()
     })
 }
@@ -243,10 +395,17 @@ fn save_task_applies_the_gate() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = LocalStore::new(tmp.path());
     let flat = vec![100u8; 16];
-    let checker: Vec<u8> = (0..16).map(|i| if (i + i / 4) % 2 == 0 { 0 } else { 255 }).collect();
+    let checker: Vec<u8> = (0..16)
+        .map(|i| if (i + i / 4) % 2 == 0 { 0 } else { 255 })
+        .collect();
 
     match save_task(&gated(true, flat.clone()), &store).expect("saved") {
-        Outcome::Rejected { score, threshold, stored: Some(s), .. } => {
+        Outcome::Rejected {
+            score,
+            threshold,
+            stored: Some(s),
+            ..
+        } => {
             assert_eq!((score, threshold), (0.0, 0.5));
             assert_eq!(s.path, "g/_discarded/f.png");
         }
@@ -257,7 +416,10 @@ fn save_task_applies_the_gate() {
         other => panic!("{other:?}"),
     }
     match save_task(&gated(false, checker), &store).expect("saved") {
-        Outcome::Saved { stored, quality_score } => {
+        Outcome::Saved {
+            stored,
+            quality_score,
+        } => {
             assert_eq!(quality_score, Some(1.0));
             assert_eq!(stored.path, "g/f.png");
             image::open(tmp.path().join(&stored.path)).expect("a real PNG");
@@ -278,6 +440,10 @@ fn bad_tasks_are_permanent_failures() {
     assert!(err.to_string().contains("png_compression is 42"), "{err}");
     let mut escaping = gated(true, vec![0; 16]);
     escaping.options.save_path = "../../x".into();
-    assert!(!save_task(&escaping, &store).expect_err("escapes").is_transient());
+    assert!(
+        !save_task(&escaping, &store)
+            .expect_err("escapes")
+            .is_transient()
+    );
     assert!(listing(tmp.path()).is_empty());
 }
