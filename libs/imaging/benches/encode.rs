@@ -110,7 +110,8 @@ fn pictures(root: &Path) -> Result<(Vec<Picture>, String), Box<dyn Error>> {
             .iter()
             .map(|f| load(&corpus.join(f)))
             .collect::<Result<Vec<_>, _>>()?;
-        return Ok((pictures, format!("corpus: {}", corpus.display())));
+        let shown = corpus.canonicalize().unwrap_or_else(|_| corpus.clone());
+        return Ok((pictures, format!("corpus: {}", shown.display())));
     }
     let small = load(&root.join(FALLBACK))?;
     let buffer = image::RgbImage::from_raw(small.width, small.height, small.rgb)

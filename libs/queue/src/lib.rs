@@ -1,0 +1,50 @@
+//! The work-queue seam between Luna Saver's services and the broker.
+//!
+//! Services publish tasks and events and consume deliveries through [`Broker`]; they never
+//! touch a broker client directly. Every delivery is settled explicitly: [`Delivery::ack`]
+//! after the work is durable, [`Delivery::park`] with a reason when it can never succeed, or
+//! dropped unsettled (shutdown, crash) so the broker hands it to another consumer.
+//!
+//! # Layout
+//! - [`topology`]: exchange and queue names derived from the prefix, and their declaration.
+//! - [`amqp`]: the RabbitMQ backend (lapin with automatic recovery, deadpool-lapin pooling,
+//!   publisher confirms under timeouts).
+//!
+//! # Headers
+//! Messages carry string headers ([`Headers`]): W3C trace context (`traceparent`,
+//! `tracestate`) from the publisher, and on parked messages [`PARK_REASON_HEADER`].
+
+pub mod amqp;
+pub mod topology;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+pub use amqp::{AmqpConfig, Broker, Delivery, EventStream, TaskStream};
+pub use topology::Topology;
+
+/// String headers of a message.
+pub type Headers = BTreeMap<String, String>;
+
+/// Header that says why a message was parked.
+pub const PARK_REASON_HEADER: &str = "x-luna-park-reason";
+
+/// Errors talking to the broker. All of them mean "the broker cannot take this right now";
+/// callers answer 503 or leave the delivery for redelivery.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("broker connection or channel failed")]
+    Broker(#[from] lapin::Error),
+    #[error("no broker connection")]
+    Pool(#[from] deadpool_lapin::PoolError),
+    #[error("could not create the connection pool")]
+    CreatePool(#[from] deadpool_lapin::CreatePoolError),
+    #[error("broker did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("broker refused the message (nack)")]
+    Nacked,
+    #[error("no queue is bound for routing key {0:?}; is the topology declared?")]
+    Unroutable(String),
+    #[error("failed to encode the message")]
+    Encode(#[from] luna_job::codec::EncodeError),
+}
