@@ -189,6 +189,20 @@ pub struct ImageInput {
     /// Position within a ComfyUI batch; appended to the stem when `batch_size > 1`.
     pub batch_index: Option<i64>,
     pub batch_size: Option<i64>,
+    /// Set by the gateway instead of `pixels` when a frame is too large to travel inline: the
+    /// pixels wait in the shared blob store (claim check). Clients never set it.
+    pub blob: Option<BlobRef>,
+}
+
+/// Where a large frame's pixels wait: a file in the blob store shared by gateways and savers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// File name inside the blob store (no folders).
+    pub name: String,
+    /// Hex SHA-256 of the pixel bytes, checked before use.
+    pub sha256: String,
+    /// Length of the pixel bytes.
+    pub len: u64,
 }
 
 impl Default for ImageInput {
@@ -203,6 +217,7 @@ impl Default for ImageInput {
             subdir: true,
             batch_index: None,
             batch_size: None,
+            blob: None,
         }
     }
 }

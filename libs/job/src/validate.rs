@@ -109,7 +109,11 @@ impl SaveRequest {
             ));
         }
         for (i, image) in images.iter().enumerate() {
-            image_problems(&format!("images[{i}]"), image, &mut out);
+            let field = format!("images[{i}]");
+            if image.blob.is_some() {
+                out.push(Problem::new(format!("{field}.blob"), "is set by the gateway only; send pixels"));
+            }
+            image_problems(&field, image, &mut out);
         }
         ValidationError::check(out)
     }
@@ -278,7 +282,21 @@ fn image_problems(field: &str, image: &ImageInput, out: &mut Vec<Problem>) {
         }
     }
     let expected = image.expected_len();
-    if image.pixels.len() as u64 != expected {
+    if let Some(blob) = &image.blob {
+        let simple = !blob.name.is_empty()
+            && blob.name.len() <= 128
+            && blob.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && !blob.name.starts_with('.');
+        if !simple {
+            out.push(Problem::new(format!("{field}.blob.name"), format!("{:?} is not a plain file name", blob.name)));
+        }
+        if blob.len != expected || !image.pixels.is_empty() {
+            out.push(Problem::new(
+                format!("{field}.blob.len"),
+                format!("is {}; width {} x height {} x channels {} needs {expected}, with no inline pixels", blob.len, image.width, image.height, image.channels),
+            ));
+        }
+    } else if image.pixels.len() as u64 != expected {
         out.push(Problem::new(
             format!("{field}.pixels"),
             format!(

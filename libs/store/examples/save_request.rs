@@ -37,7 +37,7 @@ fn run() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let store = LocalStore::new(root);
     let mut failed = false;
     for task in req.into_tasks(&job_id, chrono::Local::now().fixed_offset()) {
-        let line = match save_task(&task, &store) {
+        let line = match save_task(&task, &store, None) {
             Ok(Outcome::Saved {
                 stored,
                 quality_score,

@@ -4,12 +4,14 @@
 //! - [`placement`]: the contract's path rules, from a task to a relative directory and name.
 //! - [`local`]: the local-filesystem [`Store`]: temp file, fsync, no-replace publish,
 //!   collision suffixes, and idempotency per `(job_id, image index)`.
+//! - [`blob`]: the claim-check store for frames too large to travel through the broker.
 //! - [`save`]: one task end to end (gate, encode, store), synchronous, for savers to run on a
 //!   blocking thread.
 //!
 //! The [`Store`] trait is the seam for other backends (an object store, say): it takes the
 //! task's key, its placement and the encoded bytes, and answers with the path it used.
 
+pub mod blob;
 pub mod local;
 pub mod placement;
 pub mod save;
@@ -17,6 +19,7 @@ pub mod save;
 use luna_imaging::Encoded;
 use luna_job::task::TaskKey;
 
+pub use blob::{BlobError, BlobStore};
 pub use local::LocalStore;
 pub use placement::{Placement, PlacementError};
 pub use save::{Outcome, SaveError, save_task};

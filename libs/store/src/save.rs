@@ -4,6 +4,7 @@ use luna_imaging::gate::{self, Verdict};
 use luna_imaging::{EncodeError, EncodeOptions, ImageView, Metadata, ShapeError};
 use luna_job::{QualityGate, SaveTask, ValidationError};
 
+use crate::blob::{BlobError, BlobStore};
 use crate::placement::{Placement, PlacementError};
 use crate::{Store, StoreError, Stored};
 
@@ -37,6 +38,10 @@ pub enum SaveError {
     Encode(#[from] EncodeError),
     #[error("storing failed")]
     Store(#[from] StoreError),
+    #[error("pixels are unavailable")]
+    Blob(#[from] BlobError),
+    #[error("the task's pixels are in the blob store, but this saver has no blob store configured (--blob-dir)")]
+    NoBlobStore,
 }
 
 impl SaveError {
@@ -45,22 +50,33 @@ impl SaveError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Store(e) => e.is_transient(),
-            Self::Invalid(_) | Self::Placement(_) | Self::Shape(_) | Self::Encode(_) => false,
+            Self::Blob(e) => e.is_transient(),
+            Self::Invalid(_) | Self::Placement(_) | Self::Shape(_) | Self::Encode(_) | Self::NoBlobStore => false,
         }
     }
 }
 
-/// Saves one task into `store`. Pure CPU and blocking I/O: run it on a blocking thread.
+/// Saves one task into `store`, reading claim-checked pixels from `blobs`. Pure CPU and
+/// blocking I/O: run it on a blocking thread. The blob itself is left in place; remove it once
+/// the outcome is final (see [`BlobStore::remove`]).
 ///
 /// # Errors
 /// [`SaveError`]; see [`SaveError::is_transient`] for what to do with it.
-pub fn save_task(task: &SaveTask, store: &dyn Store) -> Result<Outcome, SaveError> {
+pub fn save_task(task: &SaveTask, store: &dyn Store, blobs: Option<&BlobStore>) -> Result<Outcome, SaveError> {
     task.validate()?;
     let placement = Placement::for_task(task)?;
     let o = &task.options;
     let img = &task.image;
+    let fetched;
+    let pixels = match &img.blob {
+        Some(blob) => {
+            fetched = blobs.ok_or(SaveError::NoBlobStore)?.get(blob)?;
+            fetched.as_slice()
+        }
+        None => img.pixels.as_slice(),
+    };
     let channels = u8::try_from(img.channels).unwrap_or(0);
-    let view = ImageView::new(img.pixels.as_slice(), img.width, img.height, channels)?;
+    let view = ImageView::new(pixels, img.width, img.height, channels)?;
 
     let verdict = gate::evaluate(o.quality_gate, &view, o.min_quality_threshold);
     let rejected = matches!(verdict, Some(Verdict { passed: false, .. }));

@@ -399,7 +399,7 @@ fn save_task_applies_the_gate() {
         .map(|i| if (i + i / 4) % 2 == 0 { 0 } else { 255 })
         .collect();
 
-    match save_task(&gated(true, flat.clone()), &store).expect("saved") {
+    match save_task(&gated(true, flat.clone()), &store, None).expect("saved") {
         Outcome::Rejected {
             score,
             threshold,
@@ -411,11 +411,11 @@ fn save_task_applies_the_gate() {
         }
         other => panic!("{other:?}"),
     }
-    match save_task(&gated(false, flat), &store).expect("saved") {
+    match save_task(&gated(false, flat), &store, None).expect("saved") {
         Outcome::Rejected { stored: None, .. } => {}
         other => panic!("{other:?}"),
     }
-    match save_task(&gated(false, checker), &store).expect("saved") {
+    match save_task(&gated(false, checker), &store, None).expect("saved") {
         Outcome::Saved {
             stored,
             quality_score,
@@ -435,13 +435,13 @@ fn bad_tasks_are_permanent_failures() {
     let store = LocalStore::new(tmp.path());
     let mut bad = gated(true, vec![0; 16]);
     bad.options.png_compression = 42;
-    let err = save_task(&bad, &store).expect_err("invalid");
+    let err = save_task(&bad, &store, None).expect_err("invalid");
     assert!(!err.is_transient());
     assert!(err.to_string().contains("png_compression is 42"), "{err}");
     let mut escaping = gated(true, vec![0; 16]);
     escaping.options.save_path = "../../x".into();
     assert!(
-        !save_task(&escaping, &store)
+        !save_task(&escaping, &store, None)
             .expect_err("escapes")
             .is_transient()
     );
