@@ -111,7 +111,10 @@ impl SaveRequest {
         for (i, image) in images.iter().enumerate() {
             let field = format!("images[{i}]");
             if image.blob.is_some() {
-                out.push(Problem::new(format!("{field}.blob"), "is set by the gateway only; send pixels"));
+                out.push(Problem::new(
+                    format!("{field}.blob"),
+                    "is set by the gateway only; send pixels",
+                ));
             }
             image_problems(&field, image, &mut out);
         }
@@ -285,10 +288,16 @@ fn image_problems(field: &str, image: &ImageInput, out: &mut Vec<Problem>) {
     if let Some(blob) = &image.blob {
         let simple = !blob.name.is_empty()
             && blob.name.len() <= 128
-            && blob.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && blob
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
             && !blob.name.starts_with('.');
         if !simple {
-            out.push(Problem::new(format!("{field}.blob.name"), format!("{:?} is not a plain file name", blob.name)));
+            out.push(Problem::new(
+                format!("{field}.blob.name"),
+                format!("{:?} is not a plain file name", blob.name),
+            ));
         }
         if blob.len != expected || !image.pixels.is_empty() {
             out.push(Problem::new(

@@ -15,8 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use deadpool_lapin::{Pool, Runtime};
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, ConnectionProperties};
@@ -41,7 +42,12 @@ pub struct AmqpConfig {
 
 impl AmqpConfig {
     pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
-        Self { url: url.into(), topology: Topology::new(prefix), timeout: Duration::from_secs(5), pool_size: 2 }
+        Self {
+            url: url.into(),
+            topology: Topology::new(prefix),
+            timeout: Duration::from_secs(5),
+            pool_size: 2,
+        }
     }
 }
 
@@ -60,11 +66,16 @@ struct Inner {
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("topology", &self.inner.topology).finish_non_exhaustive()
+        f.debug_struct("Broker")
+            .field("topology", &self.inner.topology)
+            .finish_non_exhaustive()
     }
 }
 
-async fn bounded<T, E: Into<QueueError>>(limit: Duration, fut: impl Future<Output = Result<T, E>>) -> Result<T, QueueError> {
+async fn bounded<T, E: Into<QueueError>>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, QueueError> {
     match tokio::time::timeout(limit, fut).await {
         Ok(result) => result.map_err(Into::into),
         Err(_) => Err(QueueError::Timeout(limit)),
@@ -88,9 +99,11 @@ impl Broker {
                 },
                 ..Default::default()
             }),
-            ..Default::default()
         };
-        let pool = pool_config.create_pool(|| ConnectionProperties::default().enable_auto_recover(), Runtime::Tokio1)?;
+        let pool = pool_config.create_pool(
+            || ConnectionProperties::default().enable_auto_recover(),
+            Runtime::Tokio1,
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -148,7 +161,11 @@ impl Broker {
             return Ok(ch.clone());
         }
         let ch = self.open_channel().await?;
-        bounded(self.inner.timeout, ch.confirm_select(ConfirmSelectOptions::default())).await?;
+        bounded(
+            self.inner.timeout,
+            ch.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
         *slot = Some(ch.clone());
         Ok(ch)
     }
@@ -165,10 +182,21 @@ impl Broker {
     ) -> Result<(), QueueError> {
         let result = async {
             let ch = self.publisher().await?;
-            let options = BasicPublishOptions { mandatory, ..Default::default() };
-            let pending =
-                bounded(self.inner.timeout, ch.basic_publish(exchange.into(), routing_key.into(), options, body, properties))
-                    .await?;
+            let options = BasicPublishOptions {
+                mandatory,
+                ..Default::default()
+            };
+            let pending = bounded(
+                self.inner.timeout,
+                ch.basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    options,
+                    body,
+                    properties,
+                ),
+            )
+            .await?;
             let confirm = bounded(self.inner.timeout, pending).await?;
             if confirm.is_nack() {
                 return Err(QueueError::Nacked);
@@ -200,10 +228,16 @@ impl Broker {
     ///
     /// # Errors
     /// [`QueueError`] when the broker does not confirm within the timeout.
-    pub async fn publish_task_bytes(&self, body: &[u8], message_id: &str, headers: &Headers) -> Result<(), QueueError> {
+    pub async fn publish_task_bytes(
+        &self,
+        body: &[u8],
+        message_id: &str,
+        headers: &Headers,
+    ) -> Result<(), QueueError> {
         let props = message_properties(message_id, headers);
         let exchange = self.inner.topology.tasks_exchange();
-        self.publish(&exchange, TASK_ROUTING_KEY, body, props, true).await
+        self.publish(&exchange, TASK_ROUTING_KEY, body, props, true)
+            .await
     }
 
     /// Publishes an event to the events exchange under its name and waits for the confirm.
@@ -214,7 +248,8 @@ impl Broker {
         let body = to_msgpack(event)?;
         let props = message_properties(&format!("{}/{}", event.job_id, event.name()), headers);
         let exchange = self.inner.topology.events_exchange();
-        self.publish(&exchange, event.name(), &body, props, false).await
+        self.publish(&exchange, event.name(), &body, props, false)
+            .await
     }
 
     /// Starts consuming tasks on a channel of its own with prefetch 1: one unacknowledged task
@@ -236,7 +271,12 @@ impl Broker {
             ),
         )
         .await?;
-        Ok(TaskStream { channel, consumer, broker: self.clone(), tag: consumer_tag.to_owned() })
+        Ok(TaskStream {
+            channel,
+            consumer,
+            broker: self.clone(),
+            tag: consumer_tag.to_owned(),
+        })
     }
 
     /// Subscribes to every event. `queue` names a durable queue shared by restarts of one
@@ -248,28 +288,59 @@ impl Broker {
         let channel = self.open_channel().await?;
         let limit = self.inner.timeout;
         let name = queue.map_or_else(
-            || format!("{}.status.{}", self.inner.topology.prefix, uuid::Uuid::now_v7().simple()),
+            || {
+                format!(
+                    "{}.status.{}",
+                    self.inner.topology.prefix,
+                    uuid::Uuid::now_v7().simple()
+                )
+            },
             str::to_owned,
         );
         let options = if queue.is_some() {
-            QueueDeclareOptions { durable: true, ..Default::default() }
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            }
         } else {
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            }
         };
-        bounded(limit, channel.queue_declare(name.as_str().into(), options, FieldTable::default())).await?;
+        bounded(
+            limit,
+            channel.queue_declare(name.as_str().into(), options, FieldTable::default()),
+        )
+        .await?;
         let exchange = self.inner.topology.events_exchange();
         bounded(
             limit,
-            channel.queue_bind(name.as_str().into(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default()),
+            channel.queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
         )
         .await?;
         bounded(limit, channel.basic_qos(256, BasicQosOptions::default())).await?;
         let consumer = bounded(
             limit,
-            channel.basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()),
+            channel.basic_consume(
+                name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
         )
         .await?;
-        Ok(EventStream { _channel: channel, consumer })
+        Ok(EventStream {
+            _channel: channel,
+            consumer,
+        })
     }
 
     /// Tasks waiting in the task queue (ready, not yet delivered).
@@ -285,13 +356,21 @@ impl Broker {
     /// # Errors
     /// [`QueueError`] when the broker is unreachable.
     pub async fn parked_count(&self) -> Result<u32, QueueError> {
-        self.message_count(&self.inner.topology.parked_queue()).await
+        self.message_count(&self.inner.topology.parked_queue())
+            .await
     }
 
     async fn message_count(&self, queue: &str) -> Result<u32, QueueError> {
         let channel = self.open_channel().await?;
-        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-        let result = bounded(self.inner.timeout, channel.queue_declare(queue.into(), passive, FieldTable::default())).await;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let result = bounded(
+            self.inner.timeout,
+            channel.queue_declare(queue.into(), passive, FieldTable::default()),
+        )
+        .await;
         let _ = channel.close(200, "counted".into()).await;
         Ok(result?.message_count())
     }
@@ -305,20 +384,39 @@ impl Broker {
         let channel = self.open_channel().await?;
         let limit = self.inner.timeout;
         for queue in [t.task_queue(), t.parked_queue()] {
-            bounded(limit, channel.queue_delete(queue.into(), QueueDeleteOptions::default())).await?;
+            bounded(
+                limit,
+                channel.queue_delete(queue.into(), QueueDeleteOptions::default()),
+            )
+            .await?;
         }
         for exchange in [t.tasks_exchange(), t.events_exchange(), t.parked_exchange()] {
-            bounded(limit, channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default())).await?;
+            bounded(
+                limit,
+                channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()),
+            )
+            .await?;
         }
         let _ = channel.close(200, "deleted".into()).await;
         Ok(())
     }
 
     /// Moves a message to the parked queue with its reason, waiting for the confirm.
-    async fn park_bytes(&self, body: &[u8], mut props: BasicProperties, reason: &str) -> Result<(), QueueError> {
+    async fn park_bytes(
+        &self,
+        body: &[u8],
+        mut props: BasicProperties,
+        reason: &str,
+    ) -> Result<(), QueueError> {
         let mut headers = props.headers().clone().unwrap_or_default();
-        headers.insert(PARK_REASON_HEADER.into(), AMQPValue::LongString(LongString::from(reason)));
-        headers.insert("x-luna-parked-at".into(), AMQPValue::LongString(LongString::from(now_rfc3339())));
+        headers.insert(
+            PARK_REASON_HEADER.into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        headers.insert(
+            "x-luna-parked-at".into(),
+            AMQPValue::LongString(LongString::from(now_rfc3339())),
+        );
         props = props.with_headers(headers).with_delivery_mode(2);
         let exchange = self.inner.topology.parked_exchange();
         self.publish(&exchange, "", body, props, true).await
@@ -326,16 +424,23 @@ impl Broker {
 }
 
 fn now_rfc3339() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     format!("{secs}")
 }
 
 fn message_properties(message_id: &str, headers: &Headers) -> BasicProperties {
     let mut table = FieldTable::default();
     for (k, v) in headers {
-        table.insert(k.as_str().into(), AMQPValue::LongString(LongString::from(v.as_str())));
+        table.insert(
+            k.as_str().into(),
+            AMQPValue::LongString(LongString::from(v.as_str())),
+        );
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     BasicProperties::default()
         .with_content_type("application/msgpack".into())
         .with_delivery_mode(2) // persistent
@@ -375,7 +480,9 @@ pub struct TaskStream {
 
 impl std::fmt::Debug for TaskStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskStream").field("tag", &self.tag).finish_non_exhaustive()
+        f.debug_struct("TaskStream")
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
     }
 }
 
@@ -383,13 +490,24 @@ impl TaskStream {
     /// The next delivery; `None` once the consumer is cancelled or its channel is gone.
     pub async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
         let item = self.consumer.next().await?;
-        Some(item.map(|d| Delivery { inner: d, broker: self.broker.clone() }).map_err(QueueError::from))
+        Some(
+            item.map(|d| Delivery {
+                inner: d,
+                broker: self.broker.clone(),
+            })
+            .map_err(QueueError::from),
+        )
     }
 
     /// Stops consuming. Deliveries not yet settled go back to the queue when the channel closes.
     pub async fn cancel(self) {
         let limit = self.broker.inner.timeout;
-        let _ = bounded(limit, self.channel.basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())).await;
+        let _ = bounded(
+            limit,
+            self.channel
+                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default()),
+        )
+        .await;
         let _ = bounded(limit, self.channel.close(200, "consumer stopped".into())).await;
     }
 }
@@ -429,7 +547,10 @@ impl Delivery {
     /// How often this message was delivered before (RabbitMQ's `x-delivery-count` on quorum
     /// queues; 0 on first delivery).
     pub fn delivery_count(&self) -> u32 {
-        self.headers().get("x-delivery-count").and_then(|v| v.parse().ok()).unwrap_or(0)
+        self.headers()
+            .get("x-delivery-count")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn redelivered(&self) -> bool {
@@ -441,7 +562,12 @@ impl Delivery {
     /// # Errors
     /// [`QueueError`] when the channel is gone (the broker then redelivers the task).
     pub async fn ack(self) -> Result<(), QueueError> {
-        bounded(self.broker.inner.timeout, self.inner.acker.ack(BasicAckOptions::default())).await.map(drop)
+        bounded(
+            self.broker.inner.timeout,
+            self.inner.acker.ack(BasicAckOptions::default()),
+        )
+        .await
+        .map(drop)
     }
 
     /// Hands the delivery back to the queue at once.
@@ -449,8 +575,13 @@ impl Delivery {
     /// # Errors
     /// [`QueueError`] when the channel is gone (which requeues it too).
     pub async fn requeue(self) -> Result<(), QueueError> {
-        let options = BasicNackOptions { requeue: true, ..Default::default() };
-        bounded(self.broker.inner.timeout, self.inner.acker.nack(options)).await.map(drop)
+        let options = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        bounded(self.broker.inner.timeout, self.inner.acker.nack(options))
+            .await
+            .map(drop)
     }
 
     /// Moves the message to the parked queue with `reason` in [`PARK_REASON_HEADER`], then
@@ -460,7 +591,9 @@ impl Delivery {
     /// # Errors
     /// [`QueueError`] when parking or acknowledging fails; the task then stays queued.
     pub async fn park(self, reason: &str) -> Result<(), QueueError> {
-        self.broker.park_bytes(&self.inner.data, self.inner.properties.clone(), reason).await?;
+        self.broker
+            .park_bytes(&self.inner.data, self.inner.properties.clone(), reason)
+            .await?;
         self.ack().await
     }
 }
@@ -482,12 +615,17 @@ impl EventStream {
     ///
     /// Events are acknowledged on receipt: status is a relay with in-memory state, and an
     /// event it cannot decode is logged and skipped rather than redelivered forever.
-    pub async fn next(&mut self) -> Option<Result<(Result<Event, DecodeError>, Headers), QueueError>> {
+    pub async fn next(
+        &mut self,
+    ) -> Option<Result<(Result<Event, DecodeError>, Headers), QueueError>> {
         let delivery = match self.consumer.next().await? {
             Ok(d) => d,
             Err(e) => return Some(Err(e.into())),
         };
         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-        Some(Ok((from_msgpack(&delivery.data), headers_of(&delivery.properties))))
+        Some(Ok((
+            from_msgpack(&delivery.data),
+            headers_of(&delivery.properties),
+        )))
     }
 }

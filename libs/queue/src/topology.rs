@@ -31,7 +31,10 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into(), delivery_limit: 10 }
+        Self {
+            prefix: prefix.into(),
+            delivery_limit: 10,
+        }
     }
 
     pub fn tasks_exchange(&self) -> String {
@@ -55,25 +58,68 @@ impl Topology {
     /// # Errors
     /// [`QueueError::Broker`], for example when a queue exists with other arguments.
     pub async fn declare(&self, channel: &Channel) -> Result<(), QueueError> {
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         let none = FieldTable::default;
-        channel.exchange_declare(self.tasks_exchange().into(), ExchangeKind::Direct, durable, none()).await?;
-        channel.exchange_declare(self.events_exchange().into(), ExchangeKind::Topic, durable, none()).await?;
-        channel.exchange_declare(self.parked_exchange().into(), ExchangeKind::Fanout, durable, none()).await?;
-
-        let durable_queue = QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(self.parked_queue().into(), durable_queue, quorum()).await?;
         channel
-            .queue_bind(self.parked_queue().into(), self.parked_exchange().into(), "".into(), QueueBindOptions::default(), none())
+            .exchange_declare(
+                self.tasks_exchange().into(),
+                ExchangeKind::Direct,
+                durable,
+                none(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.events_exchange().into(),
+                ExchangeKind::Topic,
+                durable,
+                none(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.parked_exchange().into(),
+                ExchangeKind::Fanout,
+                durable,
+                none(),
+            )
+            .await?;
+
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(self.parked_queue().into(), durable_queue, quorum())
+            .await?;
+        channel
+            .queue_bind(
+                self.parked_queue().into(),
+                self.parked_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                none(),
+            )
             .await?;
 
         let mut args = quorum();
-        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(i32::try_from(self.delivery_limit).unwrap_or(i32::MAX)));
-        args.insert("x-dead-letter-exchange".into(), long(&self.parked_exchange()));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(i32::try_from(self.delivery_limit).unwrap_or(i32::MAX)),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            long(&self.parked_exchange()),
+        );
         // At-least-once dead-lettering: a parked task is never lost between the two queues.
         args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         args.insert("x-overflow".into(), long("reject-publish"));
-        channel.queue_declare(self.task_queue().into(), durable_queue, args).await?;
+        channel
+            .queue_declare(self.task_queue().into(), durable_queue, args)
+            .await?;
         channel
             .queue_bind(
                 self.task_queue().into(),

@@ -26,8 +26,14 @@ pub enum BlobError {
         #[source]
         source: std::io::Error,
     },
-    #[error("blob {name} does not match its reference (length {len}, expected {expected_len}, or checksum)")]
-    Mismatch { name: String, len: u64, expected_len: u64 },
+    #[error(
+        "blob {name} does not match its reference (length {len}, expected {expected_len}, or checksum)"
+    )]
+    Mismatch {
+        name: String,
+        len: u64,
+        expected_len: u64,
+    },
 }
 
 impl BlobError {
@@ -60,7 +66,11 @@ impl BlobStore {
     pub fn put(&self, name: &str, bytes: &[u8]) -> Result<BlobRef, BlobError> {
         let io = |action, path: &Path| {
             let path = path.to_owned();
-            move |source| BlobError::Io { action, path, source }
+            move |source| BlobError::Io {
+                action,
+                path,
+                source,
+            }
         };
         fs::create_dir_all(&self.dir).map_err(io("create folder for", &self.dir))?;
         let final_path = self.dir.join(name);
@@ -69,8 +79,14 @@ impl BlobStore {
         f.write_all(bytes).map_err(io("write", &temp))?;
         f.sync_all().map_err(io("fsync", &temp))?;
         fs::rename(&temp, &final_path).map_err(io("publish", &final_path))?;
-        fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("fsync folder of", &self.dir))?;
-        Ok(BlobRef { name: name.to_owned(), sha256: sha256_hex(bytes), len: bytes.len() as u64 })
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync folder of", &self.dir))?;
+        Ok(BlobRef {
+            name: name.to_owned(),
+            sha256: sha256_hex(bytes),
+            len: bytes.len() as u64,
+        })
     }
 
     /// Reads and verifies a blob.
@@ -81,11 +97,23 @@ impl BlobStore {
         let path = self.dir.join(&blob.name);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(BlobError::NotFound(blob.name.clone())),
-            Err(source) => return Err(BlobError::Io { action: "read", path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(BlobError::NotFound(blob.name.clone()));
+            }
+            Err(source) => {
+                return Err(BlobError::Io {
+                    action: "read",
+                    path,
+                    source,
+                });
+            }
         };
         if bytes.len() as u64 != blob.len || sha256_hex(&bytes) != blob.sha256 {
-            return Err(BlobError::Mismatch { name: blob.name.clone(), len: bytes.len() as u64, expected_len: blob.len });
+            return Err(BlobError::Mismatch {
+                name: blob.name.clone(),
+                len: bytes.len() as u64,
+                expected_len: blob.len,
+            });
         }
         Ok(bytes)
     }
@@ -97,7 +125,11 @@ impl BlobStore {
     pub fn remove(&self, blob: &BlobRef) -> Result<(), BlobError> {
         let path = self.dir.join(&blob.name);
         match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BlobError::Io { action: "remove", path, source: e }),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BlobError::Io {
+                action: "remove",
+                path,
+                source: e,
+            }),
             _ => Ok(()),
         }
     }
@@ -110,7 +142,13 @@ impl BlobStore {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => return Err(BlobError::Io { action: "list", path: self.dir.clone(), source }),
+            Err(source) => {
+                return Err(BlobError::Io {
+                    action: "list",
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
         };
         let now = SystemTime::now();
         let mut removed = 0;
@@ -143,7 +181,10 @@ mod tests {
         let blob = store.put("job-1.pixels", b"abc").expect("put");
         assert_eq!(blob.len, 3);
         assert_eq!(store.get(&blob).expect("get"), b"abc");
-        let forged = BlobRef { sha256: sha256_hex(b"abd"), ..blob.clone() };
+        let forged = BlobRef {
+            sha256: sha256_hex(b"abd"),
+            ..blob.clone()
+        };
         assert!(!store.get(&forged).expect_err("mismatch").is_transient());
         store.remove(&blob).expect("remove");
         store.remove(&blob).expect("already gone is fine");

@@ -40,7 +40,9 @@ pub enum SaveError {
     Store(#[from] StoreError),
     #[error("pixels are unavailable")]
     Blob(#[from] BlobError),
-    #[error("the task's pixels are in the blob store, but this saver has no blob store configured (--blob-dir)")]
+    #[error(
+        "the task's pixels are in the blob store, but this saver has no blob store configured (--blob-dir)"
+    )]
     NoBlobStore,
 }
 
@@ -51,7 +53,11 @@ impl SaveError {
         match self {
             Self::Store(e) => e.is_transient(),
             Self::Blob(e) => e.is_transient(),
-            Self::Invalid(_) | Self::Placement(_) | Self::Shape(_) | Self::Encode(_) | Self::NoBlobStore => false,
+            Self::Invalid(_)
+            | Self::Placement(_)
+            | Self::Shape(_)
+            | Self::Encode(_)
+            | Self::NoBlobStore => false,
         }
     }
 }
@@ -62,7 +68,11 @@ impl SaveError {
 ///
 /// # Errors
 /// [`SaveError`]; see [`SaveError::is_transient`] for what to do with it.
-pub fn save_task(task: &SaveTask, store: &dyn Store, blobs: Option<&BlobStore>) -> Result<Outcome, SaveError> {
+pub fn save_task(
+    task: &SaveTask,
+    store: &dyn Store,
+    blobs: Option<&BlobStore>,
+) -> Result<Outcome, SaveError> {
     task.validate()?;
     let placement = Placement::for_task(task)?;
     let o = &task.options;

@@ -1,1 +1,105 @@
-//! The Luna Saver gateway service. Its implementation arrives with the distributed pipeline.
+//! The Luna Saver gateway: the one door for save requests.
+//!
+//! `POST /v1/jobs` validates everything a request can get wrong (400 with every problem),
+//! splits it into one task per image, publishes each with a publisher confirm, publishes
+//! `save_job_queued`, and only then answers 202 with the job id. Pixels too large to travel
+//! inline go through the claim-check blob store. When the broker is down or blocked the gateway
+//! answers 503 within its timeout instead of hanging.
+//!
+//! # Layout
+//! - [`Config`]: flags and `LUNA_*` environment variables.
+//! - [`router`]: the HTTP API, kept apart from [`run`] so tests drive it without a socket.
+//! - [`error`]: `ApiError`, the JSON error answer that never leaks internals.
+
+pub mod config;
+pub mod error;
+mod jobs;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use luna_queue::{AmqpConfig, Broker};
+use luna_store::BlobStore;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use error::ApiError;
+
+/// What every request handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub broker: Broker,
+    pub config: Arc<Config>,
+    pub blobs: Option<BlobStore>,
+}
+
+impl AppState {
+    /// Builds the state; the broker connects lazily, so the gateway starts (and answers 503)
+    /// while the broker is down.
+    ///
+    /// # Errors
+    /// When the broker configuration is malformed.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let mut amqp = AmqpConfig::new(&config.amqp_url, &config.amqp_prefix);
+        amqp.timeout = config.broker_timeout;
+        let broker = Broker::new(amqp).context("configuring the broker connection")?;
+        let blobs = config.blob_dir.clone().map(BlobStore::new);
+        Ok(Self {
+            broker,
+            config: Arc::new(config),
+            blobs,
+        })
+    }
+}
+
+/// The HTTP API.
+pub fn router(state: AppState) -> Router {
+    let body_limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/v1/jobs", post(jobs::submit))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    if state.broker.is_ready().await {
+        Ok("ready")
+    } else {
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker unavailable",
+        ))
+    }
+}
+
+/// Serves until `shutdown` resolves, then finishes in-flight requests.
+///
+/// Declares the broker topology first when the broker is reachable; when it is not, the
+/// gateway still starts and keeps answering 503 until it is.
+///
+/// # Errors
+/// When serving fails.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::new(config)?;
+    if let Err(e) = state.broker.declare_topology().await {
+        tracing::warn!(error = %e, "broker not reachable at start-up; answering 503 until it is");
+    }
+    let addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    tracing::info!(%addr, "gateway listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving HTTP")
+}

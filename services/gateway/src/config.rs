@@ -1,0 +1,73 @@
+//! Gateway configuration: every flag is also a `LUNA_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use luna_telemetry::LogFormat;
+
+/// Gateway settings.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "luna-gateway",
+    version,
+    about = "Accepts save requests and queues one task per image."
+)]
+pub struct Config {
+    /// Address to listen on. No auth without --token, so keep it on loopback unless you set one.
+    #[arg(long, env = "LUNA_LISTEN", default_value = "127.0.0.1:19283")]
+    pub listen: SocketAddr,
+
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "LUNA_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "LUNA_AMQP_PREFIX", default_value = "luna")]
+    pub amqp_prefix: String,
+
+    /// Shared directory for frames too large to travel inline (claim check). Savers need the
+    /// same directory. Without it, such frames are refused with 413.
+    #[arg(long, env = "LUNA_BLOB_DIR")]
+    pub blob_dir: Option<PathBuf>,
+
+    /// Require `Authorization: Bearer <token>` on the API.
+    #[arg(long, env = "LUNA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Most images in one job.
+    #[arg(long, env = "LUNA_MAX_IMAGES", default_value_t = 16)]
+    pub max_images: usize,
+
+    /// Largest request body, in bytes.
+    #[arg(long, env = "LUNA_MAX_BODY_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_body_bytes: u64,
+
+    /// Largest image, in pixels (width x height).
+    #[arg(long, env = "LUNA_MAX_PIXELS", default_value_t = 64 * 1024 * 1024)]
+    pub max_pixels: u64,
+
+    /// Largest task sent inline through the broker; larger ones use --blob-dir. The default
+    /// fits RabbitMQ 4's default max_message_size.
+    #[arg(long, env = "LUNA_MAX_INLINE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_inline_bytes: u64,
+
+    /// How long to wait for the broker (connect, confirm) before answering 503.
+    #[arg(long, env = "LUNA_BROKER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub broker_timeout: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "LUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The defaults, as if started without flags or environment.
+    pub fn defaults() -> Self {
+        <Self as clap::Parser>::parse_from(["luna-gateway"])
+    }
+}

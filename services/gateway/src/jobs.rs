@@ -1,0 +1,237 @@
+//! `POST /v1/jobs`.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use futures_util::future::try_join_all;
+use luna_job::codec::{from_json, from_msgpack, to_msgpack};
+use luna_job::{Event, EventKind, JobId, Limits, Problem, SaveRequest, SaveTask, ValidationError};
+use luna_queue::{Headers, QueueError};
+use luna_store::Placement;
+use serde::Serialize;
+
+use crate::{ApiError, AppState};
+
+/// The 202 answer.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub job_id: String,
+    pub num_images: usize,
+    pub message: String,
+}
+
+/// W3C trace-context headers copied from the request onto every message, so a client's trace
+/// continues through the broker.
+const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
+pub async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let started = Instant::now();
+    authorize(&state, &headers)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!(
+                "request body is larger than {} bytes (--max-body-bytes)",
+                state.config.max_body_bytes
+            ))
+        } else {
+            ApiError::bad_request(format!("could not read the request body: {e}"))
+        }
+    })?;
+    let request = decode(&headers, &body)?;
+    drop(body);
+
+    let limits = Limits {
+        max_images: state.config.max_images,
+    };
+    request
+        .validate(&limits)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    for (i, image) in request.images.iter().enumerate() {
+        let pixels = u64::from(image.width) * u64::from(image.height);
+        if pixels > state.config.max_pixels {
+            return Err(ApiError::too_large(format!(
+                "images[{i}] is {}x{} = {pixels} pixels; this gateway accepts at most {} (--max-pixels)",
+                image.width, image.height, state.config.max_pixels
+            )));
+        }
+    }
+
+    let job_id = JobId::new();
+    let submitted_at = chrono::Local::now().fixed_offset();
+    let tasks = request.into_tasks(&job_id, submitted_at);
+    check_placements(&tasks)?;
+    let num_images = tasks.len();
+    let trace: Headers = TRACE_HEADERS
+        .iter()
+        .filter_map(|&k| Some((k.to_owned(), headers.get(k)?.to_str().ok()?.to_owned())))
+        .collect();
+
+    let bodies = encode_tasks(&state, tasks).await?;
+    let publishes = bodies
+        .iter()
+        .map(|(id, body)| state.broker.publish_task_bytes(body, id, &trace));
+    try_join_all(publishes)
+        .await
+        .map_err(|e| unavailable(&job_id, &e))?;
+
+    let queued = Event::now(
+        job_id.clone(),
+        EventKind::SaveJobQueued {
+            num_images: count(num_images),
+        },
+    );
+    if let Err(e) = state.broker.publish_event(&queued, &trace).await {
+        // The tasks are queued and will be saved; answering 503 now would make the client
+        // submit them twice. Status learns the job's size from a late queued event instead.
+        tracing::error!(%job_id, error = %e, "[Image Save] Job {job_id}: tasks queued but the queued event was not confirmed");
+    }
+    tracing::info!(
+        %job_id,
+        num_images,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "[Image Save] Job {job_id}: queued {num_images} images"
+    );
+    let message = format!(
+        "[Luna Daemon Image Saver] Submitted {num_images} images to daemon. Job ID: {job_id}"
+    );
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            job_id: job_id.to_string(),
+            num_images,
+            message,
+        }),
+    ))
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn unavailable(job_id: &JobId, e: &QueueError) -> ApiError {
+    tracing::warn!(%job_id, error = %e, "publishing failed");
+    ApiError::unavailable(format!(
+        "the message broker is unavailable ({e}); nothing was saved, try again"
+    ))
+}
+
+/// Checks `Authorization: Bearer <token>` when a token is configured.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = state.config.token.as_deref() else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn decode(headers: &HeaderMap, body: &[u8]) -> Result<SaveRequest, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let decoded = match mime.as_str() {
+        "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+            from_msgpack(body)
+        }
+        "application/json" => from_json(body),
+        other => {
+            let shown = if other.is_empty() { "none" } else { other };
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "content type {shown} is not supported; send application/msgpack or application/json"
+                ),
+            ));
+        }
+    };
+    decoded.map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Renders every task's path now, so a bad template is a 400 and never a parked task.
+fn check_placements(tasks: &[SaveTask]) -> Result<(), ApiError> {
+    let mut problems: Vec<Problem> = Vec::new();
+    for task in tasks {
+        if let Err(e) = Placement::for_task(task) {
+            let problem = e.to_problem(&format!("images[{}]", task.image_index));
+            if !problems.contains(&problem) {
+                problems.push(problem);
+            }
+        }
+    }
+    ValidationError::check(problems).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Encodes each task, moving pixels of oversized ones to the blob store.
+async fn encode_tasks(
+    state: &AppState,
+    tasks: Vec<SaveTask>,
+) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
+    let limit = state.config.max_inline_bytes;
+    let mut out = Vec::with_capacity(tasks.len());
+    for mut task in tasks {
+        let id = format!("{}/{}", task.job_id, task.image_index);
+        let mut body = to_msgpack(&task).map_err(|e| internal(&e))?;
+        if body.len() as u64 > limit {
+            let Some(blobs) = state.blobs.clone() else {
+                return Err(ApiError::too_large(format!(
+                    "images[{}] makes a {} byte task, over the {limit} byte inline limit; \
+                     start the gateway and the savers with --blob-dir on shared storage to accept large frames",
+                    task.image_index,
+                    body.len()
+                )));
+            };
+            drop(body);
+            let pixels = std::mem::take(&mut task.image.pixels);
+            let name = format!("{}-{}.pixels", task.job_id, task.image_index);
+            let blob = tokio::task::spawn_blocking(move || blobs.put(&name, pixels.as_slice()))
+                .await
+                .map_err(|e| internal(&e))?
+                .map_err(|e| {
+                    tracing::error!(error = %e, "blob store write failed");
+                    ApiError::unavailable(
+                        "the blob store is not writable; nothing was saved, try again",
+                    )
+                })?;
+            task.image.blob = Some(blob);
+            body = to_msgpack(&task).map_err(|e| internal(&e))?;
+        }
+        out.push((id, body));
+    }
+    Ok(out)
+}
+
+fn internal(e: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "internal error");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error; see the gateway log",
+    )
+}

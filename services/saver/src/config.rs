@@ -1,0 +1,97 @@
+//! Saver configuration: every flag is also a `LUNA_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use luna_telemetry::LogFormat;
+
+/// Saver settings.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "luna-saver",
+    version,
+    about = "Saves queued images: gate, encode, write, report."
+)]
+pub struct Config {
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "LUNA_LISTEN", default_value = "127.0.0.1:19285")]
+    pub listen: SocketAddr,
+
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "LUNA_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "LUNA_AMQP_PREFIX", default_value = "luna")]
+    pub amqp_prefix: String,
+
+    /// Folder that save paths are relative to.
+    #[arg(long, env = "LUNA_OUTPUT_ROOT", default_value = "./output")]
+    pub output_root: PathBuf,
+
+    /// Shared directory where the gateway leaves large frames (claim check).
+    #[arg(long, env = "LUNA_BLOB_DIR")]
+    pub blob_dir: Option<PathBuf>,
+
+    /// Save slots always running (concurrent saves).
+    #[arg(long, env = "LUNA_MIN_WORKERS", default_value_t = 2)]
+    pub min_workers: usize,
+
+    /// Most save slots; extra slots start while tasks wait and every slot is busy.
+    #[arg(long, env = "LUNA_MAX_WORKERS", default_value_t = 4)]
+    pub max_workers: usize,
+
+    /// An extra slot stops after this long without work.
+    #[arg(long, env = "LUNA_IDLE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// How often the pool checks the queue to grow or shrink.
+    #[arg(long, env = "LUNA_SCALE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub scale_interval: Duration,
+
+    /// On SIGTERM, how long in-flight saves may take to finish; the rest is redelivered.
+    #[arg(long, env = "LUNA_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Attempts per task (deliveries and local retries together) before it is parked.
+    #[arg(long, env = "LUNA_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+
+    /// Wait before the first retry of a transient failure; doubles per attempt, up to 30 s.
+    #[arg(long, env = "LUNA_RETRY_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+
+    /// Blobs older than this are removed (their tasks were parked or lost).
+    #[arg(long, env = "LUNA_BLOB_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub blob_ttl: Duration,
+
+    /// How long to wait for the broker (connect, confirm).
+    #[arg(long, env = "LUNA_BROKER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub broker_timeout: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "LUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The defaults, as if started without flags or environment.
+    pub fn defaults() -> Self {
+        <Self as clap::Parser>::parse_from(["luna-saver"])
+    }
+
+    /// Backoff before retry number `attempt` (1-based): base x 2^(attempt-1), capped at 30 s.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1).min(16))
+            .unwrap_or(u32::MAX);
+        self.retry_backoff
+            .saturating_mul(factor)
+            .min(Duration::from_secs(30))
+    }
+}

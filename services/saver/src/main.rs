@@ -1,0 +1,15 @@
+//! `luna-saver`: see the library docs.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use luna_saver::Config;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    luna_telemetry::init("luna-saver", config.log_format);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the HTTP listener on {}", config.listen))?;
+    luna_saver::run(config, listener, luna_telemetry::shutdown_signal()).await
+}

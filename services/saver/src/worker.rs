@@ -1,0 +1,241 @@
+//! One delivery, start to finish.
+//!
+//! The order is what makes "nothing lost, nothing written twice" hold:
+//! 1. undecodable or invalid tasks are parked at once with the reason (retrying cannot help);
+//! 2. the file is written durably (idempotently, so a redelivery finds it instead of writing
+//!    a second one);
+//! 3. the outcome event is published and confirmed;
+//! 4. only then is the task acknowledged.
+//!
+//! Transient failures (disk full, permissions, a blob not visible yet) are retried here with
+//! backoff, each reported as `image_failed` with `final: false`; the last attempt parks the task
+//! and reports `final: true`. Attempts count redeliveries too (`x-delivery-count`), so a task
+//! that keeps crashing savers is parked instead of looping.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use luna_job::{Event, EventKind, JobId, SaveTask};
+use luna_queue::{Delivery, Headers, QueueError};
+use luna_store::{Outcome, save_task};
+
+use crate::Context;
+use crate::metrics::inc;
+
+/// Handles one delivery and settles it.
+pub async fn handle(ctx: &Context, delivery: Delivery) {
+    let previous = delivery.delivery_count();
+    let headers = delivery.headers();
+    let task = match delivery.task() {
+        Ok(task) => task,
+        Err(e) => {
+            park(ctx, delivery, &format!("undecodable task: {e}")).await;
+            return;
+        }
+    };
+    let job_id = task.job_id.clone();
+    let index = task.image_index;
+    if let Err(e) = task.validate() {
+        let reason = format!("invalid task: {e}");
+        report_failure(ctx, &task, &reason, previous + 1, true, &headers).await;
+        park(ctx, delivery, &reason).await;
+        return;
+    }
+    if previous >= ctx.config.max_attempts {
+        let reason =
+            format!("gave up after {previous} deliveries (a saver may have crashed on it)");
+        report_failure(ctx, &task, &reason, previous + 1, true, &headers).await;
+        park(ctx, delivery, &reason).await;
+        remove_blob(ctx, &task);
+        return;
+    }
+
+    let started = Instant::now();
+    let task = Arc::new(task);
+    let mut attempt = previous + 1;
+    loop {
+        let result = {
+            let (task, store, blobs) = (task.clone(), ctx.store.clone(), ctx.blobs.clone());
+            tokio::task::spawn_blocking(move || save_task(&task, store.as_ref(), blobs.as_ref()))
+                .await
+        };
+        let result = match result {
+            Ok(r) => r,
+            Err(join) => {
+                // A panic in a codec: treat like a crash, leave the task to redelivery.
+                tracing::error!(%job_id, index, error = %join, "save panicked");
+                requeue_later(ctx, delivery).await;
+                return;
+            }
+        };
+        match result {
+            Ok(outcome) => {
+                let elapsed = started.elapsed();
+                let event = outcome_event(ctx, &task, &outcome, elapsed);
+                if let Err(e) = ctx.broker.publish_event(&event, &headers).await {
+                    // The file is durable; without a confirmed event the task must come back,
+                    // and the redelivery will find the file instead of writing another.
+                    tracing::warn!(%job_id, index, error = %e, "event not confirmed; task goes back to the queue");
+                    requeue_later(ctx, delivery).await;
+                    return;
+                }
+                log_outcome(&job_id, index, &outcome, elapsed);
+                count_outcome(ctx, &outcome);
+                if let Err(e) = delivery.ack().await {
+                    tracing::warn!(%job_id, index, error = %e, "ack failed; the redelivery will find the saved file");
+                }
+                remove_blob(ctx, &task);
+                return;
+            }
+            Err(e) if e.is_transient() && attempt < ctx.config.max_attempts => {
+                let reason = error_chain(&e);
+                let wait = ctx.config.backoff(attempt);
+                tracing::warn!(%job_id, index, attempt, ?wait, error = %reason, "[Image Save] Job {job_id}: image {index} failed, retrying");
+                inc(&ctx.metrics.retries);
+                report_failure(ctx, &task, &reason, attempt, false, &headers).await;
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            Err(e) => {
+                let reason = error_chain(&e);
+                tracing::error!(%job_id, index, attempt, error = %reason, "[Image Save] Job {job_id}: image {index} failed for good");
+                report_failure(ctx, &task, &reason, attempt, true, &headers).await;
+                park(ctx, delivery, &reason).await;
+                remove_blob(ctx, &task);
+                return;
+            }
+        }
+    }
+}
+
+/// "outer: inner: innermost", so the event says what actually went wrong.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+fn outcome_event(ctx: &Context, task: &SaveTask, outcome: &Outcome, elapsed: Duration) -> Event {
+    let kind = match outcome {
+        Outcome::Saved {
+            stored,
+            quality_score,
+        } => EventKind::ImageSaved {
+            index: task.image_index,
+            affix: task.image.affix.clone(),
+            format: task.image.format.as_str().to_owned(),
+            path: stored.path.clone(),
+            bytes: stored.bytes,
+            width: task.image.width,
+            height: task.image.height,
+            quality_score: *quality_score,
+            duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            worker: ctx.worker_id.to_string(),
+        },
+        Outcome::Rejected {
+            gate,
+            score,
+            threshold,
+            stored,
+        } => EventKind::ImageRejected {
+            index: task.image_index,
+            gate: gate.as_str().to_owned(),
+            quality_score: *score,
+            threshold: *threshold,
+            path: stored.as_ref().map(|s| s.path.clone()),
+        },
+    };
+    Event::now(task.job_id.clone(), kind)
+}
+
+fn log_outcome(job_id: &JobId, index: u32, outcome: &Outcome, elapsed: Duration) {
+    let ms = elapsed.as_millis() as u64;
+    match outcome {
+        Outcome::Saved { stored, .. } => tracing::info!(
+            %job_id, index, path = %stored.path, bytes = stored.bytes, ms, redelivery = stored.already_stored,
+            "[Image Save] Job {job_id}: image {index} saved to {}", stored.path
+        ),
+        Outcome::Rejected {
+            score,
+            threshold,
+            stored,
+            ..
+        } => tracing::info!(
+            %job_id, index, score, threshold, kept = stored.is_some(),
+            "[Image Save] Job {job_id}: image {index} rejected by the quality gate ({score:.3} < {threshold})"
+        ),
+    }
+}
+
+fn count_outcome(ctx: &Context, outcome: &Outcome) {
+    match outcome {
+        Outcome::Saved { stored, .. } => {
+            inc(&ctx.metrics.saved);
+            if !stored.already_stored {
+                ctx.metrics
+                    .bytes_written
+                    .fetch_add(stored.bytes, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Outcome::Rejected { .. } => inc(&ctx.metrics.rejected),
+    }
+}
+
+async fn report_failure(
+    ctx: &Context,
+    task: &SaveTask,
+    error: &str,
+    attempt: u32,
+    is_final: bool,
+    headers: &Headers,
+) {
+    if is_final {
+        inc(&ctx.metrics.failed_final);
+    }
+    let kind = EventKind::ImageFailed {
+        index: task.image_index,
+        error: error.to_owned(),
+        attempt,
+        is_final,
+    };
+    if let Err(e) = ctx
+        .broker
+        .publish_event(&Event::now(task.job_id.clone(), kind), headers)
+        .await
+    {
+        tracing::warn!(job_id = %task.job_id, index = task.image_index, error = %e, "image_failed event not confirmed");
+    }
+}
+
+async fn park(ctx: &Context, delivery: Delivery, reason: &str) {
+    tracing::warn!(reason, "parking task");
+    match delivery.park(reason).await {
+        Ok(()) => inc(&ctx.metrics.parked),
+        Err(e) => tracing::error!(error = %e, "parking failed; the task stays queued"),
+    }
+}
+
+/// Gives the task back after a pause, so a broker outage does not become a hot loop.
+async fn requeue_later(ctx: &Context, delivery: Delivery) {
+    tokio::time::sleep(ctx.config.backoff(1)).await;
+    if let Err(e) = delivery.requeue().await {
+        log_requeue_error(&e);
+    }
+}
+
+fn log_requeue_error(e: &QueueError) {
+    tracing::warn!(error = %e, "requeue failed; the broker redelivers when the channel closes");
+}
+
+fn remove_blob(ctx: &Context, task: &SaveTask) {
+    if let (Some(blobs), Some(blob)) = (&ctx.blobs, &task.image.blob)
+        && let Err(e) = blobs.remove(blob)
+    {
+        tracing::warn!(blob = %blob.name, error = %e, "could not remove blob; the sweeper will");
+    }
+}
