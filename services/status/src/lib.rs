@@ -1,1 +1,107 @@
-//! The Luna Saver status service. Its implementation arrives with the distributed pipeline.
+//! The Luna Saver status service: relays job events to WebSocket clients and answers
+//! `GET /v1/jobs/{id}`.
+//!
+//! Gateways and savers publish events to the broker's events exchange. Each status instance
+//! reads all of them through a private queue, records them per job (so a client that connects
+//! late gets a replay), derives each job's `save_job_completed` once every image has a final
+//! outcome, and fans everything out to its WebSocket subscribers. State is in memory only and
+//! bounded: jobs are forgotten after `--job-ttl` or beyond `--max-jobs`.
+//!
+//! # Layout
+//! - [`config`]: flags and environment variables.
+//! - [`table`]: the pure, bounded, expiring job table and completion derivation.
+//! - [`hub`]: the table behind one lock plus per-subscriber bounded queues.
+//! - `relay`: the broker consumer, resubscribing with backoff.
+//! - [`http`]: `router(state)`, handlers, auth and [`ApiError`].
+//! - `ws`: one WebSocket session (replay, live, pings, closing slow clients).
+//! - [`run`]: wires it together on a given listener until a given shutdown future resolves.
+
+pub mod config;
+pub mod http;
+pub mod hub;
+mod relay;
+pub mod table;
+mod ws;
+
+use std::future::Future;
+use std::time::Duration;
+
+use luna_queue::{AmqpConfig, Broker, QueueError};
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use http::{ApiError, AppState, router};
+pub use hub::Hub;
+pub use table::{JobState, JobTable, JobView};
+pub use ws::{PING_INTERVAL, TOO_SLOW};
+
+/// Events a WebSocket subscriber may have queued before it is cut off as too slow. Large
+/// enough for a burst of many jobs finishing at once; small enough that a stuck client costs
+/// little memory.
+pub const SUBSCRIBER_QUEUE: usize = 1024;
+
+/// How long shutdown waits for the event consumer to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the service could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid broker configuration")]
+    Broker(#[source] QueueError),
+    #[error("HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Serves on `listener` until `shutdown` resolves.
+///
+/// The broker need not be up: the service starts at once, reports not-ready on `/readyz`,
+/// and subscribes as soon as the broker answers.
+///
+/// # Errors
+/// [`Error::Broker`] for a malformed broker URL, [`Error::Serve`] if the server fails.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let broker = Broker::new(AmqpConfig::new(
+        cfg.amqp_url.clone(),
+        cfg.amqp_prefix.clone(),
+    ))
+    .map_err(Error::Broker)?;
+    let max_jobs = usize::try_from(cfg.max_jobs).unwrap_or(usize::MAX);
+    let hub = Hub::new(JobTable::new(cfg.job_ttl, max_jobs), SUBSCRIBER_QUEUE);
+    let state = AppState::new(hub, broker, cfg.token.clone());
+    let cancel = state.shutdown_token();
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(relay::run(state.clone(), cancel.clone()));
+
+    tracing::info!(
+        listen = ?listener.local_addr().ok(),
+        prefix = %cfg.amqp_prefix,
+        amqp = %config::redact_url(&cfg.amqp_url),
+        auth = cfg.token.is_some(),
+        "status service listening"
+    );
+    let stop = cancel.clone();
+    let served = axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Tell open WebSockets to close, or the server would wait on them.
+            stop.cancel();
+        })
+        .await;
+
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("event consumer did not stop within {SHUTDOWN_GRACE:?}");
+    }
+    tracing::info!("status service stopped");
+    served.map_err(Error::Serve)
+}

@@ -1,0 +1,129 @@
+//! Command-line flags and their environment variables.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use luna_telemetry::LogFormat;
+
+/// How the status service is run. Every flag can also be set through its environment variable.
+#[derive(Clone, clap::Parser)]
+#[command(
+    name = "luna-status",
+    version,
+    about = "Relays Luna Saver job events over WebSocket and answers job state over HTTP."
+)]
+pub struct Config {
+    /// Address for HTTP and WebSocket clients. Keep it on loopback unless --token is set.
+    #[arg(long, env = "LUNA_LISTEN", default_value = "127.0.0.1:19284")]
+    pub listen: SocketAddr,
+
+    /// RabbitMQ to read events from (`amqp://user:pass@host:port/vhost`).
+    #[arg(
+        long,
+        env = "LUNA_AMQP_URL",
+        hide_env_values = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name, so several deployments can share one broker.
+    #[arg(long, env = "LUNA_AMQP_PREFIX", default_value = "luna")]
+    pub amqp_prefix: String,
+
+    /// Bearer token required on every request except the health probes; none means no auth.
+    #[arg(long, env = "LUNA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// How long a job is remembered (for GET and replay) after its last event.
+    #[arg(long, env = "LUNA_JOB_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub job_ttl: Duration,
+
+    /// Most jobs remembered at once; the least recently active are forgotten first.
+    #[arg(long, env = "LUNA_MAX_JOBS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_jobs: u32,
+
+    /// Log line format.
+    #[arg(long, env = "LUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The defaults, as if started without flags or environment (for tests and embedding).
+    pub fn new(amqp_url: impl Into<String>, amqp_prefix: impl Into<String>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 19284)),
+            amqp_url: amqp_url.into(),
+            amqp_prefix: amqp_prefix.into(),
+            token: None,
+            job_ttl: Duration::from_secs(3600),
+            max_jobs: 10_000,
+            log_format: LogFormat::Human,
+        }
+    }
+}
+
+// By hand, so that logging a `Config` never prints the token or the broker password.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("amqp_prefix", &self.amqp_prefix)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("job_ttl", &self.job_ttl)
+            .field("max_jobs", &self.max_jobs)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// `amqp://user:pass@host/vhost` without the password.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let cfg = Config::try_parse_from(["luna-status"]).expect("defaults parse");
+        // The environment may override these on a developer's machine; only check what the
+        // environment cannot have set.
+        if std::env::var_os("LUNA_LISTEN").is_none() {
+            assert_eq!(cfg.listen, SocketAddr::from(([127, 0, 0, 1], 19284)));
+        }
+        if std::env::var_os("LUNA_JOB_TTL").is_none() {
+            assert_eq!(cfg.job_ttl, Duration::from_secs(3600));
+        }
+        let cfg = Config::try_parse_from(["luna-status", "--job-ttl", "90s", "--max-jobs", "5"])
+            .expect("flags parse");
+        assert_eq!((cfg.job_ttl, cfg.max_jobs), (Duration::from_secs(90), 5));
+        assert!(Config::try_parse_from(["luna-status", "--max-jobs", "0"]).is_err());
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let mut cfg = Config::new("amqp://luna:hunter2@broker:5672/%2f", "luna");
+        cfg.token = Some("s3cret".into());
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        assert!(shown.contains("amqp://luna:***@broker:5672/%2f"), "{shown}");
+    }
+}

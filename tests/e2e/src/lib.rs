@@ -1,0 +1,283 @@
+//! Harness for end-to-end tests: a unique broker namespace per test, services started in
+//! process on ephemeral ports, an event recorder, and request builders.
+//!
+//! Every test gets its own prefix (`t<uuid>`), so its exchanges and queues are its own, and
+//! deletes them at the end. The broker is the one at `LUNA_AMQP_URL` (default: RabbitMQ on
+//! localhost); without one the tests fail and say how to get one.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use luna_job::codec::to_msgpack;
+use luna_job::{Event, ImageFormat, ImageInput, SaveRequest};
+use luna_queue::{AmqpConfig, Broker};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The broker URL for tests.
+pub fn amqp_url() -> String {
+    std::env::var("LUNA_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
+}
+
+/// Fails the test with instructions unless a broker answers.
+pub async fn require_broker() {
+    let url = amqp_url();
+    let broker = Broker::new(AmqpConfig::new(&url, "probe")).expect("broker config");
+    if !broker.is_ready().await {
+        panic!(
+            "no RabbitMQ broker answers at {url}. These tests need one: start it with \
+             `docker run -d -p 5672:5672 rabbitmq:3-management` (or `apt-get install rabbitmq-server`), \
+             or point LUNA_AMQP_URL at one."
+        );
+    }
+}
+
+/// A running service and the means to stop it.
+#[derive(Debug)]
+pub struct Service {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Asks the service to stop and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(30), self.handle).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("service did not stop cleanly: {other:?}"),
+        }
+    }
+}
+
+async fn spawn<F, Fut>(run: F) -> Service
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(run(listener, stop.clone()));
+    Service { addr, stop, handle }
+}
+
+/// One test's broker namespace and output folder.
+#[derive(Debug)]
+pub struct Env {
+    pub prefix: String,
+    pub url: String,
+    pub broker: Broker,
+    pub output: tempfile::TempDir,
+}
+
+impl Env {
+    pub async fn new() -> Self {
+        require_broker().await;
+        let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
+        let url = amqp_url();
+        let broker = Broker::connect(AmqpConfig::new(&url, &prefix))
+            .await
+            .expect("declare topology");
+        Self {
+            prefix,
+            url,
+            broker,
+            output: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Deletes the test's exchanges and queues.
+    pub async fn cleanup(self) {
+        self.broker
+            .delete_topology()
+            .await
+            .expect("delete topology");
+    }
+
+    pub fn gateway_config(&self) -> luna_gateway::Config {
+        let mut c = luna_gateway::Config::defaults();
+        c.amqp_url.clone_from(&self.url);
+        c.amqp_prefix.clone_from(&self.prefix);
+        c
+    }
+
+    pub fn saver_config(&self) -> luna_saver::Config {
+        let mut c = luna_saver::Config::defaults();
+        c.amqp_url.clone_from(&self.url);
+        c.amqp_prefix.clone_from(&self.prefix);
+        c.output_root = self.output.path().to_owned();
+        c.retry_backoff = Duration::from_millis(100);
+        c.scale_interval = Duration::from_millis(200);
+        c
+    }
+
+    pub fn status_config(&self) -> luna_status::Config {
+        luna_status::Config::new(&self.url, &self.prefix)
+    }
+
+    pub async fn start_gateway(&self, config: luna_gateway::Config) -> Service {
+        spawn(|l, stop| luna_gateway::run(config, l, stop.cancelled_owned())).await
+    }
+
+    pub async fn start_saver(&self, config: luna_saver::Config) -> Service {
+        let s = spawn(|l, stop| luna_saver::run(config, l, stop.cancelled_owned())).await;
+        wait_ready(&s).await;
+        s
+    }
+
+    pub async fn start_status(&self, config: luna_status::Config) -> Service {
+        let s = spawn(|l, stop| async move {
+            Ok(luna_status::run(config, l, stop.cancelled_owned()).await?)
+        })
+        .await;
+        wait_ready(&s).await;
+        s
+    }
+
+    /// Records every event of this namespace from now on.
+    pub async fn record_events(&self) -> EventLog {
+        let mut stream = self.broker.subscribe_events(None).await.expect("subscribe");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        tokio::spawn(async move {
+            while let Some(Ok((Ok(event), _))) = stream.next().await {
+                sink.lock().expect("lock").push(event);
+            }
+        });
+        EventLog { events }
+    }
+}
+
+async fn wait_ready(s: &Service) {
+    let url = format!("{}/readyz", s.url());
+    for _ in 0..100 {
+        if reqwest::get(&url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} never became ready");
+}
+
+/// Events seen so far.
+#[derive(Debug, Clone)]
+pub struct EventLog {
+    events: Arc<Mutex<Vec<Event>>>,
+}
+
+impl EventLog {
+    pub fn snapshot(&self) -> Vec<Event> {
+        self.events.lock().expect("lock").clone()
+    }
+
+    /// Waits until `done` holds for the events so far, or panics after `limit`.
+    pub async fn wait_until(&self, limit: Duration, done: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let events = self.snapshot();
+            if done(&events) {
+                return events;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out after {limit:?}; events so far: {events:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Counts events named `name`, optionally for one job.
+pub fn count(events: &[Event], name: &str, job: Option<&str>) -> usize {
+    events
+        .iter()
+        .filter(|e| e.name() == name && job.is_none_or(|j| e.job_id.as_str() == j))
+        .count()
+}
+
+/// A photograph-like test image: smooth gradients with texture, so gates and lossy codecs
+/// behave as on real content.
+pub fn test_image(
+    width: u32,
+    height: u32,
+    channels: u32,
+    format: ImageFormat,
+    affix: &str,
+) -> ImageInput {
+    let mut pixels = Vec::with_capacity((width * height * channels) as usize);
+    for y in 0..height {
+        for x in 0..width {
+            let t = ((x * 7 + y * 13) % 31) as u8;
+            let rgb = [
+                (x * 255 / width.max(1)) as u8 ^ t,
+                (y * 255 / height.max(1)) as u8,
+                ((x + y) % 256) as u8,
+            ];
+            pixels.extend_from_slice(&rgb[..channels.min(3) as usize]);
+            if channels == 4 {
+                pixels.push(255);
+            }
+        }
+    }
+    ImageInput {
+        pixels: pixels.into(),
+        width,
+        height,
+        channels,
+        format,
+        affix: affix.into(),
+        ..Default::default()
+    }
+}
+
+/// Posts `request` as MessagePack; returns status and JSON body.
+pub async fn submit(gateway: &str, request: &SaveRequest) -> (u16, serde_json::Value) {
+    let body = to_msgpack(request).expect("encode");
+    let response = reqwest::Client::new()
+        .post(format!("{gateway}/v1/jobs"))
+        .header("content-type", "application/msgpack")
+        .body(body)
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON answer"))
+}
+
+/// Every file under `dir`, as relative paths, sorted.
+pub fn files(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(
+                    p.strip_prefix(dir)
+                        .expect("inside")
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}
