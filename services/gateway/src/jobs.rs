@@ -88,11 +88,7 @@ pub async fn submit(
             num_images: count(num_images),
         },
     );
-    if let Err(e) = state.broker.publish_event(&queued, &trace).await {
-        // The tasks are queued and will be saved; answering 503 now would make the client
-        // submit them twice. Status learns the job's size from a late queued event instead.
-        tracing::error!(%job_id, error = %e, "[Image Save] Job {job_id}: tasks queued but the queued event was not confirmed");
-    }
+    publish_queued(&state, &queued, &trace).await;
     tracing::info!(
         %job_id,
         num_images,
@@ -110,6 +106,26 @@ pub async fn submit(
             message,
         }),
     ))
+}
+
+/// Publishes `save_job_queued`, trying three times: it is the only event that tells status
+/// how many images the job has, so without it the job never completes there.
+async fn publish_queued(state: &AppState, queued: &Event, trace: &Headers) {
+    let job_id = &queued.job_id;
+    for attempt in 1..=3 {
+        match state.broker.publish_event(queued, trace).await {
+            Ok(()) => return,
+            Err(e) if attempt < 3 => {
+                tracing::warn!(%job_id, attempt, error = %e, "queued event not confirmed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            }
+            Err(e) => {
+                // The tasks are queued and will be saved; answering 503 now would make the
+                // client submit them twice.
+                tracing::error!(%job_id, error = %e, "[Image Save] Job {job_id}: tasks queued but the queued event was not confirmed");
+            }
+        }
+    }
 }
 
 fn count(n: usize) -> u32 {

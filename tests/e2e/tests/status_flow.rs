@@ -1,0 +1,126 @@
+//! A job seen the way a client sees it: submit to the gateway, watch on the status WebSocket.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use luna_e2e::{Env, submit, test_image};
+use luna_job::{ImageFormat, SaveRequest};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_formats_land_where_the_contract_says_and_subscribers_see_every_step() {
+    let env = Env::new().await;
+    let status = env.start_status(env.status_config()).await;
+    let gateway = env.start_gateway(env.gateway_config()).await;
+    let saver = env.start_saver(env.saver_config()).await;
+
+    let workflow = json!({"nodes": [{"id": 9, "type": "LunaDaemonImageSaver"}], "links": []});
+    let prompt = json!({"3": {"class_type": "KSampler", "inputs": {"seed": 5}}});
+    let request = SaveRequest {
+        save_path: "renders/%model_name%".into(),
+        filename: "%time:YYYY-mm-dd%_%index%".into(),
+        model_name: "checkpoints/sdxl_base.safetensors".into(),
+        index: 4,
+        prompt: Some(prompt.clone()),
+        extra_pnginfo: Some(json!({ "workflow": workflow })),
+        images: vec![
+            test_image(128, 96, 3, ImageFormat::Png, "RAW"),
+            test_image(128, 96, 3, ImageFormat::Webp, "FINAL"),
+            test_image(128, 96, 4, ImageFormat::Jpeg, "PREVIEW"),
+        ],
+        ..Default::default()
+    };
+    let (code, body) = submit(&gateway.url(), &request).await;
+    assert_eq!(code, 202, "{body}");
+    let job = body["job_id"].as_str().expect("job id").to_owned();
+    assert_eq!(body["num_images"], 3);
+    assert_eq!(
+        body["message"],
+        format!("[Luna Daemon Image Saver] Submitted 3 images to daemon. Job ID: {job}")
+    );
+
+    // Subscribing after submitting misses nothing: the job's events are replayed first.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?job_id={job}", status.addr))
+            .await
+            .expect("websocket");
+    let mut names = Vec::new();
+    let mut saved = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while names.last().map(String::as_str) != Some("save_job_completed") {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("events in time")
+            .expect("open")
+            .expect("frame");
+        let Message::Text(text) = msg else { continue };
+        let event: Value = serde_json::from_str(&text).expect("JSON event");
+        assert_eq!(event["job_id"], job.as_str());
+        if event["event"] == "image_saved" {
+            saved.push(event.clone());
+        }
+        names.push(event["event"].as_str().expect("name").to_owned());
+    }
+    assert_eq!(
+        names,
+        [
+            "save_job_queued",
+            "image_saved",
+            "image_saved",
+            "image_saved",
+            "save_job_completed"
+        ]
+    );
+
+    let date = chrono::Local::now().format("%Y-%m-%d").to_string();
+    saved.sort_by_key(|e| e["index"].as_u64());
+    let expected = [
+        format!("renders/sdxl_base/RAW/{date}_4_RAW.png"),
+        format!("renders/sdxl_base/FINAL/{date}_4_FINAL.webp"),
+        format!("renders/sdxl_base/PREVIEW/{date}_4_PREVIEW.jpg"),
+    ];
+    for (event, path) in saved.iter().zip(&expected) {
+        assert_eq!(event["path"], path.as_str());
+        let file = env.output.path().join(path);
+        let img = image::open(&file).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!((img.width(), img.height()), (128, 96));
+        assert_eq!(
+            event["bytes"],
+            std::fs::metadata(&file).expect("stat").len()
+        );
+        assert!(event["worker"].as_str().is_some_and(|w| !w.is_empty()));
+    }
+    let png = std::fs::read(env.output.path().join(&expected[0])).expect("png");
+    let needle = format!("workflow\0{}", luna_imaging_json(&workflow));
+    assert!(
+        png.windows(needle.len()).any(|w| w == needle.as_bytes()),
+        "workflow chunk embedded"
+    );
+
+    let state: Value = reqwest::get(format!("{}/v1/jobs/{job}", status.url()))
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        (state["state"].as_str(), state["saved"].as_u64()),
+        (Some("completed"), Some(3))
+    );
+    let missing = reqwest::get(format!("{}/v1/jobs/nope", status.url()))
+        .await
+        .expect("GET");
+    assert_eq!(missing.status().as_u16(), 404);
+
+    drop(ws);
+    for s in [saver, gateway, status] {
+        s.stop().await;
+    }
+    env.cleanup().await;
+}
+
+/// Compact JSON as embedded (keys sorted, ASCII).
+fn luna_imaging_json(v: &Value) -> String {
+    v.to_string()
+}
