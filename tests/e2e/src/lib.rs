@@ -18,22 +18,54 @@ use tokio_util::sync::CancellationToken;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// The broker URL for tests.
-pub fn amqp_url() -> String {
-    std::env::var("LUNA_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
+/// A broker started for this test process, kept for its whole life.
+static CONTAINER_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+async fn answers(url: &str) -> bool {
+    match Broker::new(AmqpConfig::new(url, "probe")) {
+        Ok(broker) => broker.is_ready().await,
+        Err(_) => false,
+    }
 }
 
-/// Fails the test with instructions unless a broker answers.
-pub async fn require_broker() {
-    let url = amqp_url();
-    let broker = Broker::new(AmqpConfig::new(&url, "probe")).expect("broker config");
-    if !broker.is_ready().await {
-        panic!(
-            "no RabbitMQ broker answers at {url}. These tests need one: start it with \
-             `docker run -d -p 5672:5672 rabbitmq:3-management` (or `apt-get install rabbitmq-server`), \
-             or point LUNA_AMQP_URL at one."
-        );
+/// The broker URL for tests: `LUNA_AMQP_URL` when set; else RabbitMQ on localhost; else, where
+/// Docker runs, a RabbitMQ container started with testcontainers. Fails the test with
+/// instructions when none of these works.
+pub async fn require_broker() -> String {
+    if let Ok(url) = std::env::var("LUNA_AMQP_URL") {
+        assert!(answers(&url).await, "no RabbitMQ broker answers at LUNA_AMQP_URL={url}");
+        return url;
     }
+    if answers(DEFAULT_AMQP_URL).await {
+        return DEFAULT_AMQP_URL.to_owned();
+    }
+    if let Some(url) = CONTAINER_URL.get() {
+        return url.clone();
+    }
+    match start_container().await {
+        Ok(url) => CONTAINER_URL.get_or_init(|| url).clone(),
+        Err(docker) => panic!(
+            "no RabbitMQ broker answers at {DEFAULT_AMQP_URL}, and none could be started with Docker ({docker}). \
+             These tests need one: `apt-get install rabbitmq-server` (then `rabbitmq-server -detached`), \
+             or `docker run -d -p 5672:5672 rabbitmq:3-management`, or set LUNA_AMQP_URL."
+        ),
+    }
+}
+
+async fn start_container() -> Result<String, String> {
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::AsyncRunner;
+    let container = testcontainers::GenericImage::new("rabbitmq", "3-management")
+        .with_exposed_port(5672.tcp())
+        .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+        .start()
+        .await
+        .map_err(|e| e.to_string())?;
+    let port = container.get_host_port_ipv4(5672).await.map_err(|e| e.to_string())?;
+    // Leak the handle: the container serves every test of this process, and testcontainers'
+    // reaper removes it when the process ends.
+    std::mem::forget(container);
+    Ok(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
 }
 
 /// A running service and the means to stop it.
@@ -82,9 +114,8 @@ pub struct Env {
 
 impl Env {
     pub async fn new() -> Self {
-        require_broker().await;
+        let url = require_broker().await;
         let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
-        let url = amqp_url();
         let broker = Broker::connect(AmqpConfig::new(&url, &prefix))
             .await
             .expect("declare topology");

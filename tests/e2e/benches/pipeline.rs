@@ -1,0 +1,89 @@
+//! Pipeline figures on a real broker: gateway `POST` latency for one 1024x1024 RGB image, and
+//! end-to-end images per second (submit to `image_saved`) with one and with two savers.
+//!
+//! `cargo bench -p luna-e2e --bench pipeline`. Uses `../shared/corpus/bythewater_1024x1024.png`
+//! when present (a photograph), else a synthetic pattern. All services run in this process
+//! with the real broker, so on a small machine they share its cores.
+
+use std::time::{Duration, Instant};
+
+use luna_e2e::{Env, Service, count, submit, test_image};
+use luna_job::{ImageFormat, ImageInput, SaveRequest};
+
+fn photo() -> (ImageInput, &'static str) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/corpus/bythewater_1024x1024.png");
+    match image::open(path) {
+        Ok(img) => {
+            let rgb = img.to_rgb8();
+            let (width, height) = rgb.dimensions();
+            (ImageInput { pixels: rgb.into_raw().into(), width, height, ..Default::default() }, "bythewater photo")
+        }
+        Err(_) => (test_image(1024, 1024, 3, ImageFormat::Png, ""), "synthetic pattern (corpus not found)"),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn throughput(env: &Env, gateway: &Service, savers: usize, image: &ImageInput, n: usize) -> f64 {
+    let log = env.record_events().await;
+    let mut running = Vec::new();
+    for _ in 0..savers {
+        running.push(env.start_saver(env.saver_config()).await);
+    }
+    let started = Instant::now();
+    for j in 0..n / 4 {
+        let req = SaveRequest { index: j as i64, filename: format!("s{savers}_%index%"), images: vec![image.clone(); 4], ..Default::default() };
+        let (status, body) = submit(&gateway.url(), &req).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    log.wait_until(Duration::from_secs(600), |e| count(e, "image_saved", None) >= n).await;
+    let elapsed = started.elapsed();
+    for s in running {
+        s.stop().await;
+    }
+    n as f64 / elapsed.as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let env = Env::new().await;
+    let (image, source) = photo();
+    println!("image: 1024x1024 RGB, {source}; broker: {}", env.url);
+    let gateway = env.start_gateway(env.gateway_config()).await;
+
+    // Latency: one image per request, sequential, no saver running (the queue absorbs them).
+    let req = SaveRequest { images: vec![image.clone()], ..Default::default() };
+    for _ in 0..5 {
+        submit(&gateway.url(), &req).await;
+    }
+    let mut lat = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let (status, _) = submit(&gateway.url(), &req).await;
+        lat.push(t.elapsed());
+        assert_eq!(status, 202);
+    }
+    lat.sort();
+    println!(
+        "gateway POST /v1/jobs, 1 image (3 MiB msgpack), n=200: median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(&lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3,
+        lat[lat.len() - 1].as_secs_f64() * 1e3
+    );
+    // Drain what the latency run queued before measuring throughput.
+    env.broker.delete_topology().await.expect("reset");
+    env.broker.declare_topology().await.expect("reset");
+
+    for savers in [1, 2] {
+        let rate = throughput(&env, &gateway, savers, &image, 48).await;
+        println!("end to end, PNG level 4, 48 images, {savers} saver(s) x 2..4 slots: {rate:.1} images/s");
+    }
+    gateway.stop().await;
+    env.cleanup().await;
+}
