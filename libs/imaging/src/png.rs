@@ -13,7 +13,7 @@ use crate::{EncodeError, ImageView};
 
 /// libdeflate level for each `png_compression` 0..=9. 0 stores; 9 is libdeflate's strongest.
 /// The middle levels are chosen so each step trades speed for size (see `benches/encode.rs`).
-const DEFLATE_LEVEL: [i32; 10] = [0, 1, 2, 3, 5, 6, 7, 8, 10, 12];
+const DEFLATE_LEVEL: [i32; 10] = [0, 1, 2, 3, 4, 6, 7, 8, 10, 12];
 
 const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
 

@@ -407,8 +407,27 @@ impl Broker {
         body: &[u8],
         mut props: BasicProperties,
         reason: &str,
+        attempts: u32,
     ) -> Result<(), QueueError> {
-        let mut headers = props.headers().clone().unwrap_or_default();
+        let mut headers = FieldTable::default();
+        // The broker's delivery bookkeeping describes the old message; carried over, it would
+        // get a task an operator moves back parked again at once.
+        for (k, v) in props.headers().clone().unwrap_or_default().inner() {
+            if !matches!(
+                k.as_str(),
+                "x-delivery-count"
+                    | "x-death"
+                    | "x-first-death-reason"
+                    | "x-first-death-queue"
+                    | "x-first-death-exchange"
+            ) {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+        headers.insert(
+            "x-luna-attempts".into(),
+            AMQPValue::LongString(LongString::from(attempts.to_string())),
+        );
         headers.insert(
             PARK_REASON_HEADER.into(),
             AMQPValue::LongString(LongString::from(reason)),
@@ -424,10 +443,7 @@ impl Broker {
 }
 
 fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!("{secs}")
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 fn message_properties(message_id: &str, headers: &Headers) -> BasicProperties {
@@ -544,13 +560,17 @@ impl Delivery {
         from_msgpack(&self.inner.data)
     }
 
-    /// How often this message was delivered before (RabbitMQ's `x-delivery-count` on quorum
-    /// queues; 0 on first delivery).
+    /// How often this message was delivered before: RabbitMQ's `x-delivery-count` on quorum
+    /// queues, read only on redeliveries. On a first delivery it is 0 whatever the header says,
+    /// since a producer may have set (or copied) that header itself.
     pub fn delivery_count(&self) -> u32 {
+        if !self.inner.redelivered {
+            return 0;
+        }
         self.headers()
             .get("x-delivery-count")
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+            .unwrap_or(1)
     }
 
     pub fn redelivered(&self) -> bool {
@@ -591,8 +611,14 @@ impl Delivery {
     /// # Errors
     /// [`QueueError`] when parking or acknowledging fails; the task then stays queued.
     pub async fn park(self, reason: &str) -> Result<(), QueueError> {
+        let attempts = self.delivery_count() + 1;
         self.broker
-            .park_bytes(&self.inner.data, self.inner.properties.clone(), reason)
+            .park_bytes(
+                &self.inner.data,
+                self.inner.properties.clone(),
+                reason,
+                attempts,
+            )
             .await?;
         self.ack().await
     }

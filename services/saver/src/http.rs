@@ -18,10 +18,19 @@ pub fn router(ctx: Context) -> Router {
         .with_state(ctx)
 }
 
+/// Ready while at least one slot consumes tasks: that needs the broker and the task queue.
 async fn readyz(State(ctx): State<Context>) -> (StatusCode, &'static str) {
-    if ctx.broker.is_ready().await {
+    if ctx
+        .metrics
+        .consumers
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0
+    {
         (StatusCode::OK, "ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not consuming tasks (broker unavailable?)",
+        )
     }
 }

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub parked: AtomicU64,
     pub bytes_written: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// Slots with a live consumer on the task queue; the saver is ready while this is > 0.
+    pub consumers: AtomicU64,
 }
 
 impl Metrics {
@@ -31,7 +33,7 @@ impl Metrics {
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 11] = [
+        let rows: [(&str, &str, &str, u64); 12] = [
             (
                 "luna_saver_slots_min",
                 "gauge",
@@ -97,6 +99,12 @@ impl Metrics {
                 "gauge",
                 "Tasks waiting in the queue, as last seen.",
                 get(&self.queue_depth),
+            ),
+            (
+                "luna_saver_consumers",
+                "gauge",
+                "Save slots consuming from the task queue.",
+                get(&self.consumers),
             ),
         ];
         let mut out = String::new();

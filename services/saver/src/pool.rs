@@ -167,6 +167,11 @@ async fn slot_loop(
     let tag = format!("{}-slot{id}", ctx.worker_id);
     let mut backoff = Duration::from_millis(200);
     while !stop.is_cancelled() {
+        // Declared here, idempotently, so a saver started before any gateway still finds its
+        // queue; a failure shows up as the consume error below.
+        if let Err(e) = ctx.broker.declare_topology().await {
+            tracing::debug!(slot = id, error = %e, "declaring the topology failed");
+        }
         let mut stream = match ctx.broker.consume_tasks(&tag).await {
             Ok(s) => {
                 backoff = Duration::from_millis(200);
@@ -182,6 +187,7 @@ async fn slot_loop(
                 continue;
             }
         };
+        ctx.metrics.consumers.fetch_add(1, Ordering::Relaxed);
         loop {
             let next = tokio::select! {
                 () = stop.cancelled() => None,
@@ -189,6 +195,7 @@ async fn slot_loop(
             };
             match next {
                 None => {
+                    ctx.metrics.consumers.fetch_sub(1, Ordering::Relaxed);
                     stream.cancel().await;
                     return;
                 }
@@ -211,6 +218,7 @@ async fn slot_loop(
                 }
             }
         }
+        ctx.metrics.consumers.fetch_sub(1, Ordering::Relaxed);
         stream.cancel().await;
     }
 }

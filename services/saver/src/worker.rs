@@ -46,7 +46,6 @@ pub async fn handle(ctx: &Context, delivery: Delivery) {
             format!("gave up after {previous} deliveries (a saver may have crashed on it)");
         report_failure(ctx, &task, &reason, previous + 1, true, &headers).await;
         park(ctx, delivery, &reason).await;
-        remove_blob(ctx, &task);
         return;
     }
 
@@ -100,8 +99,9 @@ pub async fn handle(ctx: &Context, delivery: Delivery) {
                 let reason = error_chain(&e);
                 tracing::error!(%job_id, index, attempt, error = %reason, "[Image Save] Job {job_id}: image {index} failed for good");
                 report_failure(ctx, &task, &reason, attempt, true, &headers).await;
+                // The blob stays with a parked task, so it can be replayed; the sweep removes it
+                // after --blob-ttl.
                 park(ctx, delivery, &reason).await;
-                remove_blob(ctx, &task);
                 return;
             }
         }

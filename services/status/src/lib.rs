@@ -72,7 +72,9 @@ pub async fn run(
     .map_err(Error::Broker)?;
     let max_jobs = usize::try_from(cfg.max_jobs).unwrap_or(usize::MAX);
     let hub = Hub::new(JobTable::new(cfg.job_ttl, max_jobs), SUBSCRIBER_QUEUE);
-    let state = AppState::new(hub, broker, cfg.token.clone());
+    // An empty LUNA_TOKEN (a blank line in a compose file) means no token, not the token "".
+    let token = cfg.token.clone().filter(|t| !t.is_empty());
+    let state = AppState::new(hub, broker, token.clone());
     let cancel = state.shutdown_token();
 
     let tracker = TaskTracker::new();
@@ -82,7 +84,7 @@ pub async fn run(
         listen = ?listener.local_addr().ok(),
         prefix = %cfg.amqp_prefix,
         amqp = %config::redact_url(&cfg.amqp_url),
-        auth = cfg.token.is_some(),
+        auth = token.is_some(),
         "status service listening"
     );
     let stop = cancel.clone();

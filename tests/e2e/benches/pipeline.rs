@@ -11,14 +11,28 @@ use luna_e2e::{Env, Service, count, submit, test_image};
 use luna_job::{ImageFormat, ImageInput, SaveRequest};
 
 fn photo() -> (ImageInput, &'static str) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/corpus/bythewater_1024x1024.png");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/corpus/bythewater_1024x1024.png"
+    );
     match image::open(path) {
         Ok(img) => {
             let rgb = img.to_rgb8();
             let (width, height) = rgb.dimensions();
-            (ImageInput { pixels: rgb.into_raw().into(), width, height, ..Default::default() }, "bythewater photo")
+            (
+                ImageInput {
+                    pixels: rgb.into_raw().into(),
+                    width,
+                    height,
+                    ..Default::default()
+                },
+                "bythewater photo",
+            )
         }
-        Err(_) => (test_image(1024, 1024, 3, ImageFormat::Png, ""), "synthetic pattern (corpus not found)"),
+        Err(_) => (
+            test_image(1024, 1024, 3, ImageFormat::Png, ""),
+            "synthetic pattern (corpus not found)",
+        ),
     }
 }
 
@@ -27,7 +41,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn throughput(env: &Env, gateway: &Service, savers: usize, image: &ImageInput, n: usize) -> f64 {
+async fn throughput(
+    env: &Env,
+    gateway: &Service,
+    savers: usize,
+    image: &ImageInput,
+    n: usize,
+) -> f64 {
     let log = env.record_events().await;
     let mut running = Vec::new();
     for _ in 0..savers {
@@ -35,11 +55,19 @@ async fn throughput(env: &Env, gateway: &Service, savers: usize, image: &ImageIn
     }
     let started = Instant::now();
     for j in 0..n / 4 {
-        let req = SaveRequest { index: j as i64, filename: format!("s{savers}_%index%"), images: vec![image.clone(); 4], ..Default::default() };
+        let req = SaveRequest {
+            index: j as i64,
+            filename: format!("s{savers}_%index%"),
+            images: vec![image.clone(); 4],
+            ..Default::default()
+        };
         let (status, body) = submit(&gateway.url(), &req).await;
         assert_eq!(status, 202, "{body}");
     }
-    log.wait_until(Duration::from_secs(600), |e| count(e, "image_saved", None) >= n).await;
+    log.wait_until(Duration::from_secs(600), |e| {
+        count(e, "image_saved", None) >= n
+    })
+    .await;
     let elapsed = started.elapsed();
     for s in running {
         s.stop().await;
@@ -58,7 +86,10 @@ async fn main() {
     let gateway = env.start_gateway(env.gateway_config()).await;
 
     // Latency: one image per request, sequential, no saver running (the queue absorbs them).
-    let req = SaveRequest { images: vec![image.clone()], ..Default::default() };
+    let req = SaveRequest {
+        images: vec![image.clone()],
+        ..Default::default()
+    };
     for _ in 0..5 {
         submit(&gateway.url(), &req).await;
     }
@@ -82,7 +113,9 @@ async fn main() {
 
     for savers in [1, 2] {
         let rate = throughput(&env, &gateway, savers, &image, 48).await;
-        println!("end to end, PNG level 4, 48 images, {savers} saver(s) x 2..4 slots: {rate:.1} images/s");
+        println!(
+            "end to end, PNG level 4, 48 images, {savers} saver(s) x 2..4 slots: {rate:.1} images/s"
+        );
     }
     gateway.stop().await;
     env.cleanup().await;

@@ -33,7 +33,10 @@ async fn answers(url: &str) -> bool {
 /// instructions when none of these works.
 pub async fn require_broker() -> String {
     if let Ok(url) = std::env::var("LUNA_AMQP_URL") {
-        assert!(answers(&url).await, "no RabbitMQ broker answers at LUNA_AMQP_URL={url}");
+        assert!(
+            answers(&url).await,
+            "no RabbitMQ broker answers at LUNA_AMQP_URL={url}"
+        );
         return url;
     }
     if answers(DEFAULT_AMQP_URL).await {
@@ -61,7 +64,10 @@ async fn start_container() -> Result<String, String> {
         .start()
         .await
         .map_err(|e| e.to_string())?;
-    let port = container.get_host_port_ipv4(5672).await.map_err(|e| e.to_string())?;
+    let port = container
+        .get_host_port_ipv4(5672)
+        .await
+        .map_err(|e| e.to_string())?;
     // Leak the handle: the container serves every test of this process, and testcontainers'
     // reaper removes it when the process ends.
     std::mem::forget(container);

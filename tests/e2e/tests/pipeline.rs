@@ -533,23 +533,37 @@ async fn a_failing_write_is_retried_with_backoff_then_parked() {
     let saver = env.start_saver(cfg).await;
     // A file where the save folder should be: creating the folder fails on every attempt.
     std::fs::write(env.output.path().join("blocked"), b"not a folder").expect("write");
-    let req = SaveRequest { save_path: "blocked/deeper".into(), ..request(vec![test_image(16, 16, 3, ImageFormat::Png, "")]) };
+    let req = SaveRequest {
+        save_path: "blocked/deeper".into(),
+        ..request(vec![test_image(16, 16, 3, ImageFormat::Png, "")])
+    };
     let (status, body) = submit(&gateway.url(), &req).await;
     assert_eq!(status, 202, "{body}");
     let job = body["job_id"].as_str().expect("id").to_owned();
     let events = log
         .wait_until(LONG, |e| {
-            e.iter().any(|e| matches!(e.kind, EventKind::ImageFailed { is_final: true, .. }) && e.job_id.as_str() == job)
+            e.iter().any(|e| {
+                matches!(e.kind, EventKind::ImageFailed { is_final: true, .. })
+                    && e.job_id.as_str() == job
+            })
         })
         .await;
     let failures: Vec<(u32, bool, String)> = events
         .iter()
         .filter_map(|e| match &e.kind {
-            EventKind::ImageFailed { attempt, is_final, error, .. } => Some((*attempt, *is_final, error.clone())),
+            EventKind::ImageFailed {
+                attempt,
+                is_final,
+                error,
+                ..
+            } => Some((*attempt, *is_final, error.clone())),
             _ => None,
         })
         .collect();
-    assert_eq!(failures.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>(), [(1, false), (2, false), (3, true)]);
+    assert_eq!(
+        failures.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>(),
+        [(1, false), (2, false), (3, true)]
+    );
     assert!(failures[2].2.contains("create folder"), "{failures:?}");
     assert_eq!(count(&events, "image_saved", None), 0);
     let reasons = parked_reasons(&env).await;
