@@ -53,7 +53,7 @@ impl AmqpConfig {
 
 /// A handle on the broker; cheap to clone.
 #[derive(Clone)]
-pub struct Broker {
+pub struct AmqpBroker {
     inner: Arc<Inner>,
 }
 
@@ -64,9 +64,9 @@ struct Inner {
     publisher: Mutex<Option<Channel>>,
 }
 
-impl std::fmt::Debug for Broker {
+impl std::fmt::Debug for AmqpBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker")
+        f.debug_struct("AmqpBroker")
             .field("topology", &self.inner.topology)
             .finish_non_exhaustive()
     }
@@ -82,7 +82,7 @@ async fn bounded<T, E: Into<QueueError>>(
     }
 }
 
-impl Broker {
+impl AmqpBroker {
     /// Connects lazily: the pool is created here, connections on first use.
     ///
     /// # Errors
@@ -257,7 +257,7 @@ impl Broker {
     ///
     /// # Errors
     /// [`QueueError`] when the broker is unreachable.
-    pub async fn consume_tasks(&self, consumer_tag: &str) -> Result<TaskStream, QueueError> {
+    pub async fn consume_tasks(&self, consumer_tag: &str) -> Result<AmqpTaskStream, QueueError> {
         let channel = self.open_channel().await?;
         let limit = self.inner.timeout;
         bounded(limit, channel.basic_qos(1, BasicQosOptions::default())).await?;
@@ -271,7 +271,7 @@ impl Broker {
             ),
         )
         .await?;
-        Ok(TaskStream {
+        Ok(AmqpTaskStream {
             channel,
             consumer,
             broker: self.clone(),
@@ -284,7 +284,10 @@ impl Broker {
     ///
     /// # Errors
     /// [`QueueError`] when the broker is unreachable.
-    pub async fn subscribe_events(&self, queue: Option<&str>) -> Result<EventStream, QueueError> {
+    pub async fn subscribe_events(
+        &self,
+        queue: Option<&str>,
+    ) -> Result<AmqpEventStream, QueueError> {
         let channel = self.open_channel().await?;
         let limit = self.inner.timeout;
         let name = queue.map_or_else(
@@ -337,7 +340,7 @@ impl Broker {
             ),
         )
         .await?;
-        Ok(EventStream {
+        Ok(AmqpEventStream {
             _channel: channel,
             consumer,
         })
@@ -487,27 +490,27 @@ fn headers_of(props: &BasicProperties) -> Headers {
 }
 
 /// Tasks delivered to one consumer.
-pub struct TaskStream {
+pub struct AmqpTaskStream {
     channel: Channel,
     consumer: lapin::Consumer,
-    broker: Broker,
+    broker: AmqpBroker,
     tag: String,
 }
 
-impl std::fmt::Debug for TaskStream {
+impl std::fmt::Debug for AmqpTaskStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskStream")
+        f.debug_struct("AmqpTaskStream")
             .field("tag", &self.tag)
             .finish_non_exhaustive()
     }
 }
 
-impl TaskStream {
+impl AmqpTaskStream {
     /// The next delivery; `None` once the consumer is cancelled or its channel is gone.
-    pub async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
+    pub async fn next(&mut self) -> Option<Result<AmqpDelivery, QueueError>> {
         let item = self.consumer.next().await?;
         Some(
-            item.map(|d| Delivery {
+            item.map(|d| AmqpDelivery {
                 inner: d,
                 broker: self.broker.clone(),
             })
@@ -529,21 +532,21 @@ impl TaskStream {
 }
 
 /// One task delivery, to be settled explicitly.
-pub struct Delivery {
+pub struct AmqpDelivery {
     inner: lapin::message::Delivery,
-    broker: Broker,
+    broker: AmqpBroker,
 }
 
-impl std::fmt::Debug for Delivery {
+impl std::fmt::Debug for AmqpDelivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery")
+        f.debug_struct("AmqpDelivery")
             .field("bytes", &self.inner.data.len())
             .field("redelivered", &self.inner.redelivered)
             .finish_non_exhaustive()
     }
 }
 
-impl Delivery {
+impl AmqpDelivery {
     pub fn body(&self) -> &[u8] {
         &self.inner.data
     }
@@ -625,18 +628,18 @@ impl Delivery {
 }
 
 /// Events from the events exchange, each decoded or with its decode error.
-pub struct EventStream {
+pub struct AmqpEventStream {
     _channel: Channel,
     consumer: lapin::Consumer,
 }
 
-impl std::fmt::Debug for EventStream {
+impl std::fmt::Debug for AmqpEventStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventStream").finish_non_exhaustive()
+        f.debug_struct("AmqpEventStream").finish_non_exhaustive()
     }
 }
 
-impl EventStream {
+impl AmqpEventStream {
     /// The next event with its headers. `None` when the subscription ended.
     ///
     /// Events are acknowledged on receipt: status is a relay with in-memory state, and an

@@ -7,20 +7,27 @@
 //!
 //! # Layout
 //! - [`topology`]: exchange and queue names derived from the prefix, and their declaration.
+//! - [`broker`]: [`Broker`], the handle services use, over either backend.
 //! - [`amqp`]: the RabbitMQ backend (lapin with automatic recovery, deadpool-lapin pooling,
 //!   publisher confirms under timeouts).
+//! - [`memory`]: the in-process backend of `luna up`: same settling, retry and parking
+//!   semantics, no durability.
 //!
 //! # Headers
 //! Messages carry string headers ([`Headers`]): W3C trace context (`traceparent`,
 //! `tracestate`) from the publisher, and on parked messages [`PARK_REASON_HEADER`].
 
 pub mod amqp;
+pub mod broker;
+pub mod memory;
 pub mod topology;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-pub use amqp::{AmqpConfig, Broker, Delivery, EventStream, TaskStream};
+pub use amqp::AmqpConfig;
+pub use broker::{Broker, Delivery, EventStream, TaskStream};
+pub use memory::MemoryBroker;
 pub use topology::Topology;
 
 /// String headers of a message.

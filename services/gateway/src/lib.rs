@@ -47,12 +47,17 @@ impl AppState {
         let mut amqp = AmqpConfig::new(&config.amqp_url, &config.amqp_prefix);
         amqp.timeout = config.broker_timeout;
         let broker = Broker::new(amqp).context("configuring the broker connection")?;
+        Ok(Self::with_broker(config, broker))
+    }
+
+    /// The state on a given broker handle: how `luna up` shares its in-process queue.
+    pub fn with_broker(config: Config, broker: Broker) -> Self {
         let blobs = config.blob_dir.clone().map(BlobStore::new);
-        Ok(Self {
+        Self {
             broker,
             config: Arc::new(config),
             blobs,
-        })
+        }
     }
 }
 
@@ -90,7 +95,18 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = AppState::new(config)?;
+    serve(AppState::new(config)?, listener, shutdown).await
+}
+
+/// Serves `state` until `shutdown` resolves.
+///
+/// # Errors
+/// When serving fails.
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     if let Err(e) = state.broker.declare_topology().await {
         tracing::warn!(error = %e, "broker not reachable at start-up; answering 503 until it is");
     }

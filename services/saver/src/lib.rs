@@ -50,9 +50,14 @@ impl Context {
         amqp.timeout = config.broker_timeout;
         amqp.pool_size = 2;
         let broker = Broker::new(amqp).context("configuring the broker connection")?;
+        Ok(Self::with_broker(config, broker))
+    }
+
+    /// The context on a given broker handle: how `luna up` shares its in-process queue.
+    pub fn with_broker(config: Config, broker: Broker) -> Self {
         let store = Arc::new(LocalStore::new(&config.output_root));
         let blobs = config.blob_dir.clone().map(BlobStore::new);
-        Ok(Self {
+        Self {
             worker_id: worker_id().into(),
             metrics: Arc::new(metrics::Metrics::new(
                 config.min_workers,
@@ -62,7 +67,7 @@ impl Context {
             broker,
             store,
             blobs,
-        })
+        }
     }
 }
 
@@ -87,11 +92,23 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve(Context::new(config)?, listener, shutdown).await
+}
+
+/// Runs the saver with `ctx` (see [`run`]).
+///
+/// # Errors
+/// When the worker bounds are inconsistent or the HTTP listener fails.
+pub async fn serve(
+    ctx: Context,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = &ctx.config;
     anyhow::ensure!(
         config.min_workers >= 1 && config.min_workers <= config.max_workers,
         "--min-workers must be at least 1 and at most --max-workers"
     );
-    let ctx = Context::new(config)?;
     tracing::info!(
         worker = %ctx.worker_id,
         output_root = %ctx.config.output_root.display(),

@@ -70,6 +70,19 @@ pub async fn run(
         cfg.amqp_prefix.clone(),
     ))
     .map_err(Error::Broker)?;
+    run_with_broker(cfg, broker, listener, shutdown).await
+}
+
+/// [`run`] on a given broker handle: how `luna up` shares its in-process queue.
+///
+/// # Errors
+/// [`Error::Serve`] if the server fails.
+pub async fn run_with_broker(
+    cfg: Config,
+    broker: Broker,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let max_jobs = usize::try_from(cfg.max_jobs).unwrap_or(usize::MAX);
     let hub = Hub::new(JobTable::new(cfg.job_ttl, max_jobs), SUBSCRIBER_QUEUE);
     // An empty LUNA_TOKEN (a blank line in a compose file) means no token, not the token "".

@@ -23,7 +23,7 @@ enum Ended {
 /// Runs until `cancel` fires. Each subscription gets a private queue of its own (exclusive,
 /// deleted with its connection), so every status instance sees every event.
 pub(crate) async fn run(state: AppState, cancel: CancellationToken) {
-    let prefix = state.broker().topology().prefix.clone();
+    let prefix = state.broker().prefix().to_owned();
     let mut backoff = INITIAL_BACKOFF;
     loop {
         let attempt = async {

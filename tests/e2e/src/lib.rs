@@ -318,3 +318,51 @@ pub fn files(dir: &std::path::Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Gateway, saver and status on one broker handle, as `luna up` runs them (in process) or as a
+/// farm runs them (RabbitMQ): the same contract tests drive both.
+#[derive(Debug)]
+pub struct Stack {
+    pub gateway: Service,
+    pub saver: Service,
+    pub status: Service,
+}
+
+impl Stack {
+    pub async fn start(broker: Broker, output_root: &std::path::Path) -> Self {
+        let mut status_cfg = luna_status::Config::new("amqp://unused", broker.prefix());
+        status_cfg.job_ttl = Duration::from_secs(600);
+        let status = {
+            let b = broker.clone();
+            spawn(|l, stop| async move {
+                Ok(luna_status::run_with_broker(status_cfg, b, l, stop.cancelled_owned()).await?)
+            })
+            .await
+        };
+        wait_ready(&status).await;
+        let mut saver_cfg = luna_saver::Config::defaults();
+        saver_cfg.output_root = output_root.to_owned();
+        saver_cfg.retry_backoff = Duration::from_millis(100);
+        let saver = {
+            let ctx = luna_saver::Context::with_broker(saver_cfg, broker.clone());
+            spawn(|l, stop| luna_saver::serve(ctx, l, stop.cancelled_owned())).await
+        };
+        wait_ready(&saver).await;
+        let gateway = {
+            let state =
+                luna_gateway::AppState::with_broker(luna_gateway::Config::defaults(), broker);
+            spawn(|l, stop| luna_gateway::serve(state, l, stop.cancelled_owned())).await
+        };
+        Self {
+            gateway,
+            saver,
+            status,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.gateway.stop().await;
+        self.saver.stop().await;
+        self.status.stop().await;
+    }
+}

@@ -3,17 +3,44 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use luna_e2e::{Env, submit, test_image};
+use std::path::Path;
+
+use luna_e2e::{Env, Stack, submit, test_image};
 use luna_job::{ImageFormat, SaveRequest};
+use luna_queue::Broker;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_formats_land_where_the_contract_says_and_subscribers_see_every_step() {
+async fn the_contract_holds_in_process_as_in_luna_up() {
+    let output = tempfile::tempdir().expect("tempdir");
+    let stack = Stack::start(Broker::in_process(), output.path()).await;
+    three_formats_land_where_the_contract_says_and_subscribers_see_every_step(
+        &stack,
+        output.path(),
+    )
+    .await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_contract_holds_over_rabbitmq() {
     let env = Env::new().await;
-    let status = env.start_status(env.status_config()).await;
-    let gateway = env.start_gateway(env.gateway_config()).await;
-    let saver = env.start_saver(env.saver_config()).await;
+    let stack = Stack::start(env.broker.clone(), env.output.path()).await;
+    three_formats_land_where_the_contract_says_and_subscribers_see_every_step(
+        &stack,
+        env.output.path(),
+    )
+    .await;
+    stack.stop().await;
+    env.cleanup().await;
+}
+
+async fn three_formats_land_where_the_contract_says_and_subscribers_see_every_step(
+    stack: &Stack,
+    output: &Path,
+) {
+    let (gateway, status) = (&stack.gateway, &stack.status);
 
     let workflow = json!({"nodes": [{"id": 9, "type": "LunaDaemonImageSaver"}], "links": []});
     let prompt = json!({"3": {"class_type": "KSampler", "inputs": {"seed": 5}}});
@@ -82,7 +109,7 @@ async fn three_formats_land_where_the_contract_says_and_subscribers_see_every_st
     ];
     for (event, path) in saved.iter().zip(&expected) {
         assert_eq!(event["path"], path.as_str());
-        let file = env.output.path().join(path);
+        let file = output.join(path);
         let img = image::open(&file).unwrap_or_else(|e| panic!("{path}: {e}"));
         assert_eq!((img.width(), img.height()), (128, 96));
         assert_eq!(
@@ -91,7 +118,7 @@ async fn three_formats_land_where_the_contract_says_and_subscribers_see_every_st
         );
         assert!(event["worker"].as_str().is_some_and(|w| !w.is_empty()));
     }
-    let png = std::fs::read(env.output.path().join(&expected[0])).expect("png");
+    let png = std::fs::read(output.join(&expected[0])).expect("png");
     let needle = format!("workflow\0{}", luna_imaging_json(&workflow));
     assert!(
         png.windows(needle.len()).any(|w| w == needle.as_bytes()),
@@ -114,10 +141,6 @@ async fn three_formats_land_where_the_contract_says_and_subscribers_see_every_st
     assert_eq!(missing.status().as_u16(), 404);
 
     drop(ws);
-    for s in [saver, gateway, status] {
-        s.stop().await;
-    }
-    env.cleanup().await;
 }
 
 /// Compact JSON as embedded (keys sorted, ASCII).

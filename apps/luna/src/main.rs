@@ -1,0 +1,28 @@
+//! `luna`: see the library docs.
+
+use clap::Parser;
+
+/// Luna Saver: fast, safe image saving for render farms and ComfyUI.
+#[derive(Debug, Parser)]
+#[command(name = "luna", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Run gateway, saver and status in one process (no broker needed).
+    Up(luna::UpArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up(args) => {
+            luna_telemetry::init("luna", args.log_format);
+            luna::up(args, luna_telemetry::shutdown_signal()).await
+        }
+    }
+}
