@@ -6,6 +6,9 @@
 //!
 //! # Layout
 //! - [`UpArgs`] and [`up`]: start, announce, and drain in order on Ctrl-C.
+//! - [`submit`]: send local files to a running daemon, optionally following them to the end.
+
+pub mod submit;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +70,14 @@ pub struct UpArgs {
     /// On Ctrl-C, how long queued and in-flight saves may take to finish.
     #[arg(long, env = "LUNA_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Attempts per image before it fails for good.
+    #[arg(long, env = "LUNA_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+
+    /// Wait before the first retry; doubles per attempt, up to 30 s.
+    #[arg(long, env = "LUNA_RETRY_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
 
     /// Log line format.
     #[arg(long, env = "LUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
@@ -139,6 +150,8 @@ pub async fn up(
     saver_cfg.max_workers = args.max_workers;
     saver_cfg.idle_timeout = args.idle_timeout;
     saver_cfg.shutdown_grace = args.shutdown_grace;
+    saver_cfg.max_attempts = args.max_attempts;
+    saver_cfg.retry_backoff = args.retry_backoff;
     let mut status_cfg =
         luna_status::Config::new(args.amqp_url.clone().unwrap_or_default(), &args.amqp_prefix);
     status_cfg.token.clone_from(&args.token);

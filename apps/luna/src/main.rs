@@ -14,6 +14,8 @@ struct Cli {
 enum Command {
     /// Run gateway, saver and status in one process (no broker needed).
     Up(luna::UpArgs),
+    /// Send image files to a running Luna Saver.
+    Submit(luna::submit::SubmitArgs),
 }
 
 #[tokio::main]
@@ -23,6 +25,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Up(args) => {
             luna_telemetry::init("luna", args.log_format);
             luna::up(args, luna_telemetry::shutdown_signal()).await
+        }
+        Command::Submit(args) => {
+            let summary = luna::submit::submit(&args).await?;
+            if summary.failed > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
         }
     }
 }

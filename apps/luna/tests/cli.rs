@@ -1,0 +1,169 @@
+//! `luna up` and `luna submit` as a user runs them: real processes, real ports, no broker.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+struct Daemon {
+    child: Child,
+    gateway: String,
+    status: String,
+}
+
+impl Daemon {
+    fn start(output: &Path) -> Self {
+        let (g, s) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_luna"))
+            .args([
+                "up",
+                "--gateway-listen",
+                &format!("127.0.0.1:{g}"),
+                "--status-listen",
+                &format!("127.0.0.1:{s}"),
+            ])
+            .args(["--max-attempts", "1", "--output-root"])
+            .arg(output)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("luna up starts");
+        let gateway = format!("http://127.0.0.1:{g}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", g)).is_err() {
+            assert!(Instant::now() < deadline, "luna up never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            gateway,
+            status: format!("http://127.0.0.1:{s}"),
+        }
+    }
+
+    fn submit(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_luna"))
+            .arg("submit")
+            .args(["--gateway", &self.gateway, "--status", &self.status])
+            .args(args)
+            .output()
+            .expect("luna submit runs")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Ctrl-C, as a user would: the daemon drains and exits.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+fn write_png(path: &Path, seed: u8) {
+    let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, seed]));
+    img.save(path).expect("write png");
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn submit_waits_for_the_saves_and_reports_failures_in_its_exit_code() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let output = tmp.path().join("output");
+    let inputs = tmp.path().join("in");
+    std::fs::create_dir_all(inputs.join("nested")).expect("mkdir");
+    write_png(&inputs.join("a.png"), 1);
+    write_png(&inputs.join("nested/b.png"), 2);
+    let daemon = Daemon::start(&output);
+
+    let dir = inputs.to_string_lossy().into_owned();
+    let one = inputs.join("a.png").to_string_lossy().into_owned();
+    let ok = daemon.submit(&[
+        &dir,
+        "--wait",
+        "--recursive",
+        "--format",
+        "webp",
+        "--save-path",
+        "cli",
+        "--filename",
+        "img_%index%",
+        "--affix",
+        "X",
+    ]);
+    let ok_text = text(&ok);
+    assert!(ok.status.success(), "{ok_text}");
+    assert!(
+        ok_text.contains("Submitted 2 images to daemon. Job ID: "),
+        "{ok_text}"
+    );
+    assert!(
+        ok_text.contains("saved 2, rejected 0, failed 0 of 2 images"),
+        "{ok_text}"
+    );
+    let saved = std::fs::read_dir(output.join("cli/X"))
+        .expect("folder")
+        .count();
+    assert_eq!(saved, 2, "img_0_X.webp and img_0_X_1.webp");
+
+    // A file where the save folder should be: the save fails for good (one attempt).
+    std::fs::write(output.join("blocked"), b"not a folder").expect("write");
+    let failed = daemon.submit(&[&one, "--wait", "--save-path", "blocked/x"]);
+    let failed_text = text(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{failed_text}");
+    assert!(failed_text.contains("failed 1 of 1"), "{failed_text}");
+    drop(daemon);
+}
+
+#[test]
+fn submit_says_what_to_do_when_something_is_off() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let png = tmp.path().join("a.png");
+    write_png(&png, 3);
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let down = Command::new(env!("CARGO_BIN_EXE_luna"))
+        .args(["submit", "--gateway", &closed])
+        .arg(&png)
+        .output()
+        .expect("runs");
+    assert!(!down.status.success());
+    assert!(
+        text(&down).contains("Is the daemon running? Start it with `luna up`."),
+        "{}",
+        text(&down)
+    );
+
+    let folder = Command::new(env!("CARGO_BIN_EXE_luna"))
+        .args(["submit"])
+        .arg(tmp.path())
+        .output()
+        .expect("runs");
+    assert!(!folder.status.success());
+    assert!(
+        text(&folder).contains("add --recursive"),
+        "{}",
+        text(&folder)
+    );
+}
