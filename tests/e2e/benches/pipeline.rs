@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use luna_e2e::{Env, Service, count, submit, test_image};
+use luna_e2e::{Env, Service, Stack, count, submit, test_image};
 use luna_job::{ImageFormat, ImageInput, SaveRequest};
 
 fn photo() -> (ImageInput, &'static str) {
@@ -34,6 +34,33 @@ fn photo() -> (ImageInput, &'static str) {
             "synthetic pattern (corpus not found)",
         ),
     }
+}
+
+/// `luna up`: POST latency with the in-process queue, the saver working alongside.
+async fn in_process_latency(image: &ImageInput) {
+    let output = tempfile::tempdir().expect("tempdir");
+    let stack = Stack::start(luna_queue::Broker::in_process(), output.path()).await;
+    let req = SaveRequest {
+        images: vec![image.clone()],
+        ..Default::default()
+    };
+    for _ in 0..5 {
+        submit(&stack.gateway.url(), &req).await;
+    }
+    let mut lat = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        let (status, _) = submit(&stack.gateway.url(), &req).await;
+        lat.push(t.elapsed());
+        assert_eq!(status, 202);
+    }
+    lat.sort();
+    println!(
+        "luna up (in process) POST /v1/jobs, 1 image, n=100, saver busy alongside: median {:.2} ms, p99 {:.2} ms",
+        percentile(&lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3
+    );
+    stack.stop().await;
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -80,8 +107,9 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let env = Env::new().await;
     let (image, source) = photo();
+    in_process_latency(&image).await;
+    let env = Env::new().await;
     println!("image: 1024x1024 RGB, {source}; broker: {}", env.url);
     let gateway = env.start_gateway(env.gateway_config()).await;
 
