@@ -20,6 +20,7 @@ async fn the_contract_holds_in_process_as_in_luna_up() {
         output.path(),
     )
     .await;
+    bad_input_is_refused_and_rejections_are_reported(&stack, output.path()).await;
     stack.stop().await;
 }
 
@@ -32,6 +33,7 @@ async fn the_contract_holds_over_rabbitmq() {
         env.output.path(),
     )
     .await;
+    bad_input_is_refused_and_rejections_are_reported(&stack, env.output.path()).await;
     stack.stop().await;
     env.cleanup().await;
 }
@@ -146,4 +148,95 @@ async fn three_formats_land_where_the_contract_says_and_subscribers_see_every_st
 /// Compact JSON as embedded (keys sorted, ASCII).
 fn luna_imaging_json(v: &Value) -> String {
     v.to_string()
+}
+
+async fn bad_input_is_refused_and_rejections_are_reported(stack: &Stack, output: &Path) {
+    let gateway = stack.gateway.url();
+    let bad = SaveRequest {
+        png_compression: 12,
+        ..SaveRequest::default()
+    };
+    let (code, body) = submit(&gateway, &bad).await;
+    assert_eq!(code, 400, "{body}");
+    let error = body["error"].as_str().expect("error");
+    assert!(
+        error.contains("png_compression is 12; allowed 0 to 9")
+            && error.contains("images is empty"),
+        "{error}"
+    );
+    let escaping = SaveRequest {
+        save_path: "../outside".into(),
+        images: vec![test_image(8, 8, 3, ImageFormat::Png, "")],
+        ..SaveRequest::default()
+    };
+    let (code, body) = submit(&gateway, &escaping).await;
+    assert_eq!(code, 400, "{body}");
+    let plain = reqwest::Client::new()
+        .post(format!("{gateway}/v1/jobs"))
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(plain.status().as_u16(), 415);
+
+    let flat = luna_job::ImageInput {
+        pixels: vec![90; 32 * 32 * 3].into(),
+        width: 32,
+        height: 32,
+        ..Default::default()
+    };
+    let gated = SaveRequest {
+        save_path: "gated".into(),
+        filename: "g".into(),
+        quality_gate: luna_job::QualityGate::EdgeDensity,
+        min_quality_threshold: 0.5,
+        images: vec![flat],
+        ..SaveRequest::default()
+    };
+    let (code, body) = submit(&gateway, &gated).await;
+    assert_eq!(code, 202, "{body}");
+    let job = body["job_id"].as_str().expect("id").to_owned();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?job_id={job}", stack.status.addr))
+            .await
+            .expect("websocket");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut events = Vec::new();
+    while events
+        .last()
+        .map(|e: &Value| e["event"] == "save_job_completed")
+        != Some(true)
+    {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(text) = msg {
+            events.push(serde_json::from_str(&text).expect("JSON"));
+        }
+    }
+    let rejected = events
+        .iter()
+        .find(|e| e["event"] == "image_rejected")
+        .expect("rejected event");
+    assert_eq!(
+        (
+            rejected["gate"].as_str(),
+            rejected["quality_score"].as_f64()
+        ),
+        (Some("edge_density"), Some(0.0))
+    );
+    assert_eq!(rejected["path"], "gated/_discarded/g.png");
+    assert!(output.join("gated/_discarded/g.png").is_file());
+    let done = events.last().expect("completed");
+    assert_eq!(
+        (
+            done["saved"].as_u64(),
+            done["rejected"].as_u64(),
+            done["failed"].as_u64()
+        ),
+        (Some(0), Some(1), Some(0))
+    );
 }
