@@ -1,0 +1,5 @@
+"""ComfyUI entry point of the Luna Saver node: `custom_nodes/luna_saver/` (see README.md)."""
+
+from .luna_saver_node import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

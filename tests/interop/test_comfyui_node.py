@@ -1,0 +1,486 @@
+"""The ComfyUI node (`clients/comfyui`) against a real `luna up`, with numpy arrays standing in
+for torch tensors (the node only duck-types tensors, so no torch is needed).
+
+Starts `target/debug/luna up` on free ports with a temporary output root (no broker), imports
+the node module by path, calls it as ComfyUI would, and checks what CONTRACT.md promises: where
+files land, the returned text, embedded workflow and exact PNG pixels. A tiny in-process HTTP
+server stands in for the gateway where the test needs to see the request itself.
+"""
+
+import http.server
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import msgpack
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_DIR = ROOT / "clients" / "comfyui"
+NODE_FILE = NODE_DIR / "luna_saver_node.py"
+READY_TIMEOUT = 60.0
+FILE_TIMEOUT = 10.0
+PREFIX = "[Luna Daemon Image Saver]"
+SUBMITTED = re.compile(
+    r"^\[Luna Daemon Image Saver\] Submitted (\d+) images to daemon\. Job ID: ([0-9A-Za-z_-]+)$"
+)
+
+PROMPT = {"3": {"class_type": "KSampler",
+                "inputs": {"seed": 1234, "steps": 20, "text": "café ☕"}}}
+WORKFLOW = {"last_node_id": 9, "nodes": [{"id": 9, "type": "LunaDaemonImageSaver",
+                                          "title": "Ünïcode ✓"}],
+            "links": [[1, 3, 0, 9, 0, "IMAGE"]]}
+EXTRA_PNGINFO = {"workflow": WORKFLOW}
+METADATA = {"positive": "a lighthouse at dusk", "negative": "blurry", "steps": 20,
+            "sampler_name": "euler", "cfg": 6.5, "seed": np.int64(1234)}
+
+
+def reference_uint8(x):
+    """The specified conversion, written independently of the node (float32 stays float32)."""
+    return np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def load_node():
+    spec = importlib.util.spec_from_file_location("luna_saver_node_under_test", NODE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the daemon ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory):
+    build = subprocess.run(["nice", "cargo", "build", "-q", "--bin", "luna"], cwd=ROOT,
+                           capture_output=True, text=True, check=False)
+    assert build.returncode == 0, f"cargo build failed:\n{build.stderr[-4000:]}"
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    binary = (target if target.is_absolute() else ROOT / target) / "debug" / "luna"
+    assert binary.is_file(), f"{binary} was not built"
+
+    base = tmp_path_factory.mktemp("comfyui")
+    output = base / "output"
+    output.mkdir()
+    gateway_port, status_port = free_port(), free_port()
+    log_path = base / "luna-up.log"
+    # No LUNA_* from the caller's environment (a LUNA_TOKEN would lock the node out).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUNA_")}
+    env.update(NO_COLOR="1", RUST_LOG=os.environ.get("RUST_LOG", "info"))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(binary), "up", "--gateway-listen", f"127.0.0.1:{gateway_port}",
+             "--status-listen", f"127.0.0.1:{status_port}", "--output-root", str(output),
+             "--shutdown-grace", "5s"],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def tail():
+        text = log_path.read_text(errors="replace").splitlines()[-40:]
+        return f"--- luna up log ({log_path}) ---\n" + "\n".join(text)
+
+    try:
+        url = f"http://127.0.0.1:{gateway_port}"
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"luna up exited with {proc.returncode}\n{tail()}", pytrace=False)
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"luna up not ready at {url}/readyz\n{tail()}", pytrace=False)
+            time.sleep(0.2)
+        yield SimpleNamespace(url=url, output=output, logs=tail)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # drains accepted work, then exits
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+@pytest.fixture
+def node(daemon, monkeypatch):
+    monkeypatch.setenv("LUNA_GATEWAY_URL", daemon.url)
+    for name in ("LUNA_TOKEN", "LUNA_MAX_IMAGES", "LUNA_MAX_BODY_BYTES", "LUNA_SUBMIT_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    return load_node()
+
+
+def wait_for_files(daemon, paths):
+    deadline = time.monotonic() + FILE_TIMEOUT
+    while not all(p.is_file() for p in paths):
+        if time.monotonic() > deadline:
+            found = sorted(str(p.relative_to(daemon.output)) for p in daemon.output.rglob("*"))
+            missing = [str(p) for p in paths if not p.is_file()]
+            pytest.fail(f"missing after {FILE_TIMEOUT}s: {missing}\nfound: {found}\n"
+                        f"{daemon.logs()}", pytrace=False)
+        time.sleep(0.1)
+
+
+def gradient(b, h, w, c, seed):
+    rng = np.random.default_rng(seed)
+    return rng.random((b, h, w, c), dtype=np.float32)
+
+
+def exif_json(exif, tag, key):
+    value = exif[tag]
+    assert value.startswith(f"{key}:"), value[:80]
+    return json.loads(value[len(key) + 1:])
+
+
+# --- with the daemon -----------------------------------------------------------------------
+
+
+def test_inputs_land_with_names_folders_and_workflow(daemon, node):
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    rgb = gradient(1, 23, 37, 3, 1)
+    rgba = gradient(1, 16, 20, 4, 2)
+    jpg = gradient(1, 24, 24, 3, 3)
+    out = node.LunaDaemonImageSaver().save(
+        save_path=save_path, filename="t1_%model_name%", quality_gate="disabled",
+        min_quality_threshold=0.3, png_compression=4, lossy_quality=90, lossless_webp=False,
+        embed_workflow=True,
+        image_1=rgb, affix_1="RAW", format_1="png", subdir_1=True,
+        image_2=rgba, affix_2="FINAL", format_2="webp", subdir_2=False,
+        image_3=jpg, affix_3="DETAILED", format_3="jpeg", subdir_3=True,
+        custom_metadata='{"artist": "me"}', metadata=METADATA,
+        model_name="checkpoints\\SDXL\\sdxl_base.safetensors", filename_index=0,
+        prompt=PROMPT, extra_pnginfo=EXTRA_PNGINFO,
+    )
+    text = out["result"][0]
+    assert out["ui"] == {"text": [text]}
+    match = SUBMITTED.match(text)
+    assert match, text
+    assert match.group(1) == "3"
+    job_id = match.group(2)
+
+    base = daemon.output / save_path
+    png, webp, jpeg = (base / "RAW" / "t1_sdxl_base_RAW.png", base / "t1_sdxl_base_FINAL.webp",
+                       base / "DETAILED" / "t1_sdxl_base_DETAILED.jpg")
+    wait_for_files(daemon, [png, webp, jpeg])
+
+    with Image.open(png) as img:
+        assert (img.format, img.mode, img.size) == ("PNG", "RGB", (37, 23))
+        assert np.array_equal(np.asarray(img), reference_uint8(rgb[0]))
+        assert json.loads(img.text["prompt"]) == PROMPT
+        assert json.loads(img.text["workflow"]) == WORKFLOW
+        assert "Steps: 20" in img.text["parameters"] and "Seed: 1234" in img.text["parameters"]
+        assert img.text["artist"] == "me"
+        assert img.text["luna_job_id"] == job_id
+    for path, fmt, size in ((webp, "WEBP", (20, 16)), (jpeg, "JPEG", (24, 24))):
+        with Image.open(path) as img:
+            assert (img.format, img.size) == (fmt, size)
+            exif = img.getexif()
+            assert exif_json(exif, 0x0110, "prompt") == PROMPT
+            assert exif_json(exif, 0x010F, "workflow") == WORKFLOW
+
+
+def test_a_batch_becomes_one_file_per_element(daemon, node):
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    batch = gradient(3, 9, 13, 3, 4)
+    batch[1, 0, 0] = [-0.2, 0.5, 1.7]  # out of range values are clipped, 0.5 rounds up
+    text = node.LunaDaemonImageSaver().save(
+        save_path=save_path, filename="batch", image_1=batch)["result"][0]
+    match = SUBMITTED.match(text)
+    assert match and match.group(1) == "3", text
+
+    # Defaults: affix_1 "RAW" with subdir, so <save_path>/RAW/batch_RAW_<i>.png.
+    paths = [daemon.output / save_path / "RAW" / f"batch_RAW_{i}.png" for i in range(3)]
+    wait_for_files(daemon, paths)
+    for i, path in enumerate(paths):
+        with Image.open(path) as img:
+            pixels = np.asarray(img)
+            assert np.array_equal(pixels, reference_uint8(batch[i])), f"{path.name} pixels"
+    with Image.open(paths[1]) as img:
+        assert img.getpixel((0, 0)) == (0, 128, 255)
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == [p.name for p in paths]
+
+
+def test_more_images_than_the_gateway_takes_are_split_with_one_pinned_time(
+        daemon, node, monkeypatch):
+    """20 images > the gateway's 16: two jobs, and `%time:...%` rendered once by the node so
+    every part gets the same stem (the daemon would render each job's own submission time)."""
+    monkeypatch.setattr(node, "_now", lambda: time.struct_time((2001, 2, 3, 4, 5, 6, 0, 0, 0)))
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    batch = gradient(10, 4, 5, 3, 5)
+    text = node.LunaDaemonImageSaver().save(
+        save_path=save_path + "/%time:YYYY%", filename="%time:YYYYmmdd-HHMMSS%_%index%",
+        filename_index=7, image_1=batch, image_2=batch, format_2="webp",
+        lossless_webp=True)["result"][0]
+    match = re.match(r"^\[Luna Daemon Image Saver\] Submitted 20 images to daemon in 2 jobs\. "
+                     r"Job IDs: ([\w-]+), ([\w-]+)$", text)
+    assert match and match.group(1) != match.group(2), text
+    base = daemon.output / save_path / "2001"
+    paths = [base / "RAW" / f"20010203-040506_7_RAW_{i}.png" for i in range(10)]
+    paths += [base / "UPSCALED" / f"20010203-040506_7_UPSCALED_{i}.webp" for i in range(10)]
+    wait_for_files(daemon, paths)
+    with Image.open(paths[-1]) as img:  # lossless WebP: exact too
+        assert np.array_equal(np.asarray(img), reference_uint8(batch[9]))
+
+
+def test_free_text_metadata_is_left_out_with_a_warning_and_images_still_saved(daemon, node):
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    text = node.LunaDaemonImageSaver().save(
+        save_path=save_path, filename="warned", metadata="seed 5, steps 20",
+        custom_metadata="   ", image_4=gradient(1, 5, 6, 1, 6))["result"][0]
+    first, *rest = text.split("\n")
+    assert SUBMITTED.match(first), text
+    assert len(rest) == 1 and rest[0].startswith(f"{PREFIX} WARNING: metadata ignored: "), text
+    path = daemon.output / save_path / "FINAL" / "warned_FINAL.png"
+    wait_for_files(daemon, [path])
+    with Image.open(path) as img:
+        assert img.mode == "L" and "parameters" not in img.text
+
+
+def test_gateway_errors_are_passed_through(daemon, node):
+    text = node.LunaDaemonImageSaver().save(
+        save_path="../outside", image_1=gradient(1, 2, 2, 3, 7))["result"][0]
+    assert text.startswith(f"{PREFIX} ERROR: ") and "\n" not in text, text
+    assert ".." in text, text  # the gateway's reason, not a generic one
+
+
+# --- without the daemon --------------------------------------------------------------------
+
+
+def test_daemon_down_gives_the_exact_error(monkeypatch):
+    monkeypatch.setenv("LUNA_GATEWAY_URL", f"http://127.0.0.1:{free_port()}")
+    node = load_node()
+    out = node.LunaDaemonImageSaver().save(image_1=gradient(1, 2, 2, 3, 8))
+    assert out["result"] == (
+        "[Luna Daemon Image Saver] ERROR: Connection refused. Is daemon running?",)
+
+
+@pytest.mark.parametrize("value,expected", [
+    (-1.0, 0), (-0.001, 0), (0.0, 0), (0.51 / 255, 1), (0.49 / 255, 0), (1 / 255, 1),
+    (0.5, 128), (0.998, 254), (254.51 / 255, 255), (1.0, 255), (1.5, 255), (1e9, 255),
+    (float("nan"), 0), (float("inf"), 255), (float("-inf"), 0),
+])
+def test_float_to_uint8_rounds_and_clips(value, expected):
+    node = load_node()
+    for dtype in (np.float32, np.float64):
+        got = node.float_to_uint8(np.array([value], dtype=dtype))
+        assert got.dtype == np.uint8 and got.tolist() == [expected], (value, dtype, got)
+
+
+def test_conversion_matches_the_reference_on_a_whole_image():
+    node = load_node()
+    x = np.random.default_rng(9).uniform(-0.5, 1.5, size=(2, 7, 11, 4)).astype(np.float32)
+    x[0, 0, :, 0] = np.arange(11) / 255  # exact steps
+    for element, got in zip(x, (node.image_entry(e, "A", "png", True, i, 2)
+                                for i, e in enumerate(node.split_batch(x)))):
+        assert (got["width"], got["height"], got["channels"]) == (11, 7, 4)
+        assert got["pixels"] == reference_uint8(element).tobytes()
+
+
+class FakeTensor:
+    """Duck-types a torch tensor: `.detach().cpu().numpy()`."""
+
+    def __init__(self, array):
+        self.array = array
+        self.dtype = "torch.float32"
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.array
+
+
+def test_shapes_and_tensor_duck_typing():
+    node = load_node()
+    arr = np.full((2, 3, 4, 1), 0.25, dtype=np.float32)
+    elements = node.split_batch(FakeTensor(arr))
+    assert [e.shape for e in elements] == [(3, 4, 1)] * 2
+    assert [e.shape for e in node.split_batch(np.zeros((3, 4, 3)))] == [(3, 4, 3)]
+    for bad in (np.zeros((1, 3, 4, 2)), np.zeros((0, 3, 4, 3)), np.zeros((1, 1, 3, 4, 3))):
+        with pytest.raises(ValueError):
+            node.split_batch(bad)
+    text = node.submit(image_2=np.zeros((1, 3, 4, 2)))
+    assert text.startswith(f"{PREFIX} ERROR: image_2: "), text
+    assert node.submit() == \
+        f"{PREFIX} ERROR: no image connected; connect at least one of image_1..image_5"
+
+
+@pytest.mark.parametrize("template,pinned", [
+    ("%time:YYYY_mm_dd.HH.MM.SS%_%model_name%", "2025_12_09.10.11.12_%model_name%"),
+    ("%time:YYYY-mm-dd_%index%", "2025-12-09_%index%"),
+    ("%index%time:SS%", "%index%12"),
+    ("%index%model_name%", "%index%%model_name%"),  # same rendering, see the next test
+    ("%model_name%%time:HH%%%", "%model_name%10%%"),
+    ("100% %foo% %time:x%", "100% %foo% x"),
+])
+def test_pin_time_renders_only_time_tokens(template, pinned):
+    node = load_node()
+    t = time.struct_time((2025, 12, 9, 10, 11, 12, 0, 0, 0))
+    assert node.pin_time(template, t) == pinned
+
+
+@pytest.mark.parametrize("template", [
+    "%index%model_name%", "%model_name%%%index%x%", "a%b%index%c%", "%index%%model_dir%_%%",
+])
+def test_pinned_templates_render_as_the_originals_do(daemon, node, template):
+    """`pin_time` keeps non-time tokens in a form the daemon renders exactly like the original."""
+    t = time.struct_time((2025, 12, 9, 10, 11, 12, 0, 0, 0))
+    stems = []
+    for filename in (template, node.pin_time(template, t)):
+        save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+        text = node.submit(save_path=save_path, filename=filename, model_name="dir/m.gguf",
+                           filename_index=3, image_1=gradient(1, 2, 2, 3, 10), affix_1="")
+        assert SUBMITTED.match(text), text
+        folder = daemon.output / save_path
+        deadline = time.monotonic() + FILE_TIMEOUT
+        while not (folder.is_dir() and any(folder.rglob("*.png"))):
+            assert time.monotonic() < deadline, f"nothing under {folder}\n{daemon.logs()}"
+            time.sleep(0.1)
+        stems.append([str(p.relative_to(folder)) for p in folder.rglob("*.png")])
+    assert stems[0] == stems[1], (template, node.pin_time(template, t), stems)
+
+
+def test_chunks_respect_count_and_body_size():
+    node = load_node()
+    images = [{"pixels": b"x" * 1000} for _ in range(40)]
+    assert [len(g) for g in node.chunk_images(images, 100, 16, 10**9)] == [16, 16, 8]
+    groups = node.chunk_images(images, 100, 16, 100 + 3 * (1000 + node.PER_IMAGE_OVERHEAD))
+    assert {len(g) for g in groups} == {3, 1} and sum(map(len, groups)) == 40
+    big = [{"pixels": b"x" * 5000}, {"pixels": b"x"}]
+    assert [len(g) for g in node.chunk_images(big, 100, 16, 1000)] == [1, 1]
+
+
+class FakeGateway(http.server.BaseHTTPRequestHandler):
+    requests = []
+    answer = (202, {"job_id": "fake-1", "num_images": 1,
+                    "message": f"{PREFIX} Submitted 1 images to daemon. Job ID: fake-1"})
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        FakeGateway.requests.append((self.path, dict(self.headers), body))
+        status, payload = FakeGateway.answer
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_gateway(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeGateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FakeGateway.requests = []
+    monkeypatch.setenv("LUNA_GATEWAY_URL", f"http://127.0.0.1:{server.server_port}/")
+    try:
+        yield FakeGateway
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_request_on_the_wire(fake_gateway, monkeypatch):
+    monkeypatch.setenv("LUNA_TOKEN", "s3cret")
+    node = load_node()
+    img = np.full((1, 2, 3, 3), 0.5, dtype=np.float32)
+    text = node.LunaDaemonImageSaver().save(
+        save_path="a", filename="b", quality_gate="both", min_quality_threshold=0.5,
+        png_compression=9, lossy_quality=75, lossless_webp=True, embed_workflow=False,
+        image_5=img, format_5="jpeg", subdir_5=False, custom_metadata='{"k": 1}',
+        metadata='{"seed": 3}', model_name="m.ckpt", filename_index=42,
+        prompt=PROMPT, extra_pnginfo=EXTRA_PNGINFO)["result"][0]
+    assert text == f"{PREFIX} Submitted 1 images to daemon. Job ID: fake-1"
+    (path, headers, body), = fake_gateway.requests
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert path == "/v1/jobs"
+    assert headers["content-type"] == "application/msgpack"
+    assert headers["authorization"] == "Bearer s3cret"
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", headers["traceparent"])
+    request = msgpack.unpackb(body, raw=False)
+    image, = request.pop("images")
+    assert request == {
+        "save_path": "a", "filename": "b", "model_name": "m.ckpt", "index": 42,
+        "quality_gate": "both", "min_quality_threshold": 0.5, "png_compression": 9,
+        "lossy_quality": 75, "lossless_webp": True, "embed_workflow": False,
+        "prompt": PROMPT, "extra_pnginfo": EXTRA_PNGINFO, "metadata": {"seed": 3},
+        "custom_metadata": {"k": 1},
+    }
+    assert isinstance(image["pixels"], bytes) and image["pixels"] == bytes([128]) * 18
+    del image["pixels"]
+    assert image == {"width": 3, "height": 2, "channels": 3, "affix": "IMAGE5",
+                     "format": "jpeg", "subdir": False, "batch_index": 0, "batch_size": 1}
+
+    monkeypatch.setattr(fake_gateway, "answer",
+                        (400, {"error": "png_compression is 12; allowed 0 to 9"}))
+    text = node.submit(image_1=img)
+    assert text == f"{PREFIX} ERROR: png_compression is 12; allowed 0 to 9"
+
+
+def test_package_exports_and_inputs():
+    spec = importlib.util.spec_from_file_location(
+        "luna_saver", NODE_DIR / "__init__.py", submodule_search_locations=[str(NODE_DIR)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["luna_saver"] = package
+    try:
+        spec.loader.exec_module(package)
+    finally:
+        del sys.modules["luna_saver"]
+    cls = package.NODE_CLASS_MAPPINGS["LunaDaemonImageSaver"]
+    assert package.NODE_DISPLAY_NAME_MAPPINGS == {"LunaDaemonImageSaver":
+                                                  "Luna Daemon Image Saver"}
+    assert cls.OUTPUT_NODE is True and cls.RETURN_TYPES == ("STRING",)
+    types = cls.INPUT_TYPES()
+    assert list(types["required"]) == [
+        "save_path", "filename", "quality_gate", "min_quality_threshold", "png_compression",
+        "lossy_quality", "lossless_webp", "embed_workflow"]
+    assert types["required"]["filename"][1]["default"] == "%time:YYYY_mm_dd.HH.MM.SS%_%model_name%"
+    assert types["required"]["quality_gate"][0] == ["disabled", "variance", "edge_density", "both"]
+    expected_optional = {f"{k}_{i}" for k in ("image", "affix", "format", "subdir")
+                         for i in range(1, 6)}
+    expected_optional |= {"custom_metadata", "metadata", "model_name", "filename_index"}
+    assert set(types["optional"]) == expected_optional
+    assert [types["optional"][f"affix_{i}"][1]["default"] for i in range(1, 6)] == \
+        ["RAW", "UPSCALED", "DETAILED", "FINAL", "IMAGE5"]
+    assert types["optional"]["format_1"][0] == ["png", "webp", "jpeg"]
+    assert types["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+
+
+def test_import_is_light():
+    """Importing the node pulls in neither torch nor msgpack (msgpack only when it runs)."""
+    code = (f"import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('n', {str(NODE_FILE)!r})\n"
+            f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            f"print(sorted(k for k in ('torch', 'msgpack') if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
