@@ -71,6 +71,10 @@ pub struct UpArgs {
     #[arg(long, env = "LUNA_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Most images in one job.
+    #[arg(long, env = "LUNA_MAX_IMAGES", default_value_t = 16)]
+    pub max_images: usize,
+
     /// Attempts per image before it fails for good.
     #[arg(long, env = "LUNA_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,
@@ -139,6 +143,7 @@ pub async fn up(
     gateway_cfg.listen = args.gateway_listen;
     gateway_cfg.token.clone_from(&args.token);
     gateway_cfg.blob_dir.clone_from(&args.blob_dir);
+    gateway_cfg.max_images = args.max_images;
     if args.amqp_url.is_none() {
         // In process, a task is never serialised onto a wire: no inline limit applies.
         gateway_cfg.max_inline_bytes = u64::MAX;
