@@ -40,7 +40,7 @@ pub struct UpArgs {
     pub output_root: PathBuf,
 
     /// Use RabbitMQ at this URL instead of the in-process queue.
-    #[arg(long, env = "LUNA_AMQP_URL")]
+    #[arg(long, env = "LUNA_AMQP_URL", hide_env_values = true)]
     pub amqp_url: Option<String>,
 
     /// Prefix of every exchange and queue name (with --amqp-url).

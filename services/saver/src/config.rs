@@ -22,6 +22,7 @@ pub struct Config {
     #[arg(
         long,
         env = "LUNA_AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
