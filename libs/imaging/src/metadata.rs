@@ -140,13 +140,6 @@ impl Metadata {
             .collect()
     }
 
-    /// Keeps only the entries `keep` accepts, in order.
-    pub fn filtered(&self, keep: impl Fn(&Entry) -> bool) -> Self {
-        Self {
-            entries: self.entries.iter().filter(|e| keep(e)).cloned().collect(),
-        }
-    }
-
     /// All entries as one JSON object (the `<file>.json` sidecar): JSON values stay JSON.
     ///
     /// # Errors

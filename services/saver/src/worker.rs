@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use luna_job::{Event, EventKind, JobId, SaveTask};
-use luna_queue::{Delivery, Headers, QueueError};
+use luna_queue::{Delivery, Headers};
 use luna_store::{Outcome, save_task};
 
 use crate::Context;
@@ -224,12 +224,8 @@ async fn park(ctx: &Context, delivery: Delivery, reason: &str) {
 async fn requeue_later(ctx: &Context, delivery: Delivery) {
     tokio::time::sleep(ctx.config.backoff(1)).await;
     if let Err(e) = delivery.requeue().await {
-        log_requeue_error(&e);
+        tracing::warn!(error = %e, "requeue failed; the broker redelivers when the channel closes");
     }
-}
-
-fn log_requeue_error(e: &QueueError) {
-    tracing::warn!(error = %e, "requeue failed; the broker redelivers when the channel closes");
 }
 
 fn remove_blob(ctx: &Context, task: &SaveTask) {

@@ -121,7 +121,7 @@ async fn three_formats_land_where_the_contract_says_and_subscribers_see_every_st
         assert!(event["worker"].as_str().is_some_and(|w| !w.is_empty()));
     }
     let png = std::fs::read(output.join(&expected[0])).expect("png");
-    let needle = format!("workflow\0{}", luna_imaging_json(&workflow));
+    let needle = format!("workflow\0{}", workflow);
     assert!(
         png.windows(needle.len()).any(|w| w == needle.as_bytes()),
         "workflow chunk embedded"
@@ -143,11 +143,6 @@ async fn three_formats_land_where_the_contract_says_and_subscribers_see_every_st
     assert_eq!(missing.status().as_u16(), 404);
 
     drop(ws);
-}
-
-/// Compact JSON as embedded (keys sorted, ASCII).
-fn luna_imaging_json(v: &Value) -> String {
-    v.to_string()
 }
 
 async fn bad_input_is_refused_and_rejections_are_reported(stack: &Stack, output: &Path) {
