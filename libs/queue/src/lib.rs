@@ -18,6 +18,7 @@
 //! `tracestate`) from the publisher, and on parked messages [`PARK_REASON_HEADER`].
 
 pub mod amqp;
+pub mod args;
 pub mod broker;
 pub mod memory;
 pub mod topology;
@@ -26,6 +27,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use amqp::AmqpConfig;
+pub use args::BrokerArgs;
 pub use broker::{Broker, Delivery, EventStream, TaskStream};
 pub use memory::MemoryBroker;
 pub use topology::Topology;

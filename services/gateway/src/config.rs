@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use luna_telemetry::LogFormat;
 
@@ -18,18 +17,9 @@ pub struct Config {
     #[arg(long, env = "LUNA_LISTEN", default_value = "127.0.0.1:19283")]
     pub listen: SocketAddr,
 
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "LUNA_AMQP_URL",
-        hide_env_values = true,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-
-    /// Prefix of every exchange and queue name.
-    #[arg(long, env = "LUNA_AMQP_PREFIX", default_value = "luna")]
-    pub amqp_prefix: String,
+    /// Broker connection.
+    #[command(flatten)]
+    pub broker: luna_queue::BrokerArgs,
 
     /// Shared directory for frames too large to travel inline (claim check). Savers need the
     /// same directory. Without it, such frames are refused with 413.
@@ -56,10 +46,6 @@ pub struct Config {
     /// fits RabbitMQ 4's default max_message_size.
     #[arg(long, env = "LUNA_MAX_INLINE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_inline_bytes: u64,
-
-    /// How long to wait for the broker (connect, confirm) before answering 503.
-    #[arg(long, env = "LUNA_BROKER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub broker_timeout: Duration,
 
     /// Log line format.
     #[arg(long, env = "LUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]

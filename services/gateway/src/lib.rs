@@ -1,8 +1,8 @@
 //! The Luna Saver gateway: the one door for save requests.
 //!
 //! `POST /v1/jobs` validates everything a request can get wrong (400 with every problem),
-//! splits it into one task per image, publishes each with a publisher confirm, publishes
-//! `save_job_queued`, and only then answers 202 with the job id. Pixels too large to travel
+//! splits it into one task per image, publishes `save_job_queued` and then each task with a
+//! publisher confirm, and only then answers 202 with the job id. Pixels too large to travel
 //! inline go through the claim-check blob store. When the broker is down or blocked the gateway
 //! answers 503 within its timeout instead of hanging.
 //!
@@ -22,7 +22,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use luna_queue::{AmqpConfig, Broker};
+use luna_queue::Broker;
 use luna_store::BlobStore;
 use tokio::net::TcpListener;
 
@@ -44,9 +44,8 @@ impl AppState {
     /// # Errors
     /// When the broker configuration is malformed.
     pub fn new(config: Config) -> anyhow::Result<Self> {
-        let mut amqp = AmqpConfig::new(&config.amqp_url, &config.amqp_prefix);
-        amqp.timeout = config.broker_timeout;
-        let broker = Broker::new(amqp).context("configuring the broker connection")?;
+        let broker =
+            Broker::new(config.broker.config()).context("configuring the broker connection")?;
         Ok(Self::with_broker(config, broker))
     }
 

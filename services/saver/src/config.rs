@@ -18,18 +18,9 @@ pub struct Config {
     #[arg(long, env = "LUNA_LISTEN", default_value = "127.0.0.1:19285")]
     pub listen: SocketAddr,
 
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "LUNA_AMQP_URL",
-        hide_env_values = true,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-
-    /// Prefix of every exchange and queue name.
-    #[arg(long, env = "LUNA_AMQP_PREFIX", default_value = "luna")]
-    pub amqp_prefix: String,
+    /// Broker connection.
+    #[command(flatten)]
+    pub broker: luna_queue::BrokerArgs,
 
     /// Folder that save paths are relative to.
     #[arg(long, env = "LUNA_OUTPUT_ROOT", default_value = "./output")]
@@ -70,10 +61,6 @@ pub struct Config {
     /// Blobs older than this are removed (their tasks were parked or lost).
     #[arg(long, env = "LUNA_BLOB_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub blob_ttl: Duration,
-
-    /// How long to wait for the broker (connect, confirm).
-    #[arg(long, env = "LUNA_BROKER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub broker_timeout: Duration,
 
     /// Log line format.
     #[arg(long, env = "LUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]

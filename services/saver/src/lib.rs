@@ -21,7 +21,7 @@ pub mod worker;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use luna_queue::{AmqpConfig, Broker};
+use luna_queue::Broker;
 use luna_store::{BlobStore, LocalStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -46,8 +46,7 @@ impl Context {
     /// # Errors
     /// When the broker configuration is malformed.
     pub fn new(config: Config) -> anyhow::Result<Self> {
-        let mut amqp = AmqpConfig::new(&config.amqp_url, &config.amqp_prefix);
-        amqp.timeout = config.broker_timeout;
+        let mut amqp = config.broker.config();
         amqp.pool_size = 2;
         let broker = Broker::new(amqp).context("configuring the broker connection")?;
         Ok(Self::with_broker(config, broker))

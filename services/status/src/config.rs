@@ -18,18 +18,9 @@ pub struct Config {
     #[arg(long, env = "LUNA_LISTEN", default_value = "127.0.0.1:19284")]
     pub listen: SocketAddr,
 
-    /// RabbitMQ to read events from (`amqp://user:pass@host:port/vhost`).
-    #[arg(
-        long,
-        env = "LUNA_AMQP_URL",
-        hide_env_values = true,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-
-    /// Prefix of every exchange and queue name, so several deployments can share one broker.
-    #[arg(long, env = "LUNA_AMQP_PREFIX", default_value = "luna")]
-    pub amqp_prefix: String,
+    /// Broker connection.
+    #[command(flatten)]
+    pub broker: luna_queue::BrokerArgs,
 
     /// Bearer token required on every request except the health probes; none means no auth.
     #[arg(long, env = "LUNA_TOKEN", hide_env_values = true)]
@@ -53,8 +44,7 @@ impl Config {
     pub fn new(amqp_url: impl Into<String>, amqp_prefix: impl Into<String>) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 19284)),
-            amqp_url: amqp_url.into(),
-            amqp_prefix: amqp_prefix.into(),
+            broker: luna_queue::BrokerArgs::new(amqp_url, amqp_prefix),
             token: None,
             job_ttl: Duration::from_secs(3600),
             max_jobs: 10_000,
@@ -68,27 +58,12 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
-            .field("amqp_url", &redact_url(&self.amqp_url))
-            .field("amqp_prefix", &self.amqp_prefix)
+            .field("broker", &self.broker)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("job_ttl", &self.job_ttl)
             .field("max_jobs", &self.max_jobs)
             .field("log_format", &self.log_format)
             .finish()
-    }
-}
-
-/// `amqp://user:pass@host/vhost` without the password.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
     }
 }
 

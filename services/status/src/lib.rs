@@ -26,7 +26,7 @@ mod ws;
 use std::future::Future;
 use std::time::Duration;
 
-use luna_queue::{AmqpConfig, Broker, QueueError};
+use luna_queue::{Broker, QueueError};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
@@ -65,11 +65,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let broker = Broker::new(AmqpConfig::new(
-        cfg.amqp_url.clone(),
-        cfg.amqp_prefix.clone(),
-    ))
-    .map_err(Error::Broker)?;
+    let broker = Broker::new(cfg.broker.config()).map_err(Error::Broker)?;
     run_with_broker(cfg, broker, listener, shutdown).await
 }
 
@@ -95,8 +91,8 @@ pub async fn run_with_broker(
 
     tracing::info!(
         listen = ?listener.local_addr().ok(),
-        prefix = %cfg.amqp_prefix,
-        amqp = %config::redact_url(&cfg.amqp_url),
+        prefix = %cfg.broker.amqp_prefix,
+        amqp = %luna_queue::args::redact_url(&cfg.broker.amqp_url),
         auth = token.is_some(),
         "status service listening"
     );

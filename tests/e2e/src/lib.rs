@@ -143,15 +143,13 @@ impl Env {
 
     pub fn gateway_config(&self) -> luna_gateway::Config {
         let mut c = luna_gateway::Config::defaults();
-        c.amqp_url.clone_from(&self.url);
-        c.amqp_prefix.clone_from(&self.prefix);
+        c.broker = luna_queue::BrokerArgs::new(&self.url, &self.prefix);
         c
     }
 
     pub fn saver_config(&self) -> luna_saver::Config {
         let mut c = luna_saver::Config::defaults();
-        c.amqp_url.clone_from(&self.url);
-        c.amqp_prefix.clone_from(&self.prefix);
+        c.broker = luna_queue::BrokerArgs::new(&self.url, &self.prefix);
         c.output_root = self.output.path().to_owned();
         c.retry_backoff = Duration::from_millis(100);
         c.scale_interval = Duration::from_millis(200);

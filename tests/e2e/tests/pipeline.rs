@@ -383,8 +383,8 @@ async fn a_4k_frame_travels_by_claim_check_and_needs_a_blob_store() {
 async fn without_a_broker_the_gateway_answers_503_quickly() {
     let env = Env::new().await;
     let mut cfg = env.gateway_config();
-    cfg.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
-    cfg.broker_timeout = Duration::from_secs(2);
+    cfg.broker.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+    cfg.broker.broker_timeout = Duration::from_secs(2);
     let gateway = env.start_gateway(cfg).await;
     let started = Instant::now();
     let (status, body) = submit(
