@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Publish a Luna Saver job straight to RabbitMQ, without the gateway.
 
-Builds a small RGB test image in pure Python, publishes one task per image to
-`<prefix>.tasks` (routing key `save`) and then the job's `save_job_queued` event to
-`<prefix>.events`, so the status service can tell when the job is complete. Prints the job id
+Builds a small RGB test image in pure Python, publishes the job's `save_job_queued`
+event to `<prefix>.events` (so the status service can tell when the job is complete), then one
+task per image to `<prefix>.tasks` (routing key `save`). Prints the job id
 on stdout; everything else goes to stderr.
 
 Depends only on pika and msgpack (`pip install pika msgpack`). The schema is described in
@@ -154,22 +154,7 @@ def main(argv=None):
             return 2
         channel.confirm_delivery()  # every basic_publish below waits for the broker's ack
 
-        for index in range(args.images):
-            body = msgpack.packb(build_task(args, index, submitted_at), use_bin_type=True)
-            channel.basic_publish(
-                exchange=tasks_exchange,
-                routing_key=TASK_ROUTING_KEY,
-                body=body,
-                properties=pika.BasicProperties(
-                    content_type="application/msgpack",
-                    delivery_mode=2,  # persistent
-                    message_id=f"{args.job_id}/{index}",
-                    timestamp=int(time.time()),
-                ),
-                mandatory=True,  # unroutable (no bound queue) raises instead of vanishing
-            )
-            print(f"task {args.job_id}/{index} confirmed ({len(body)} bytes)", file=sys.stderr)
-
+        # First the queued event, so subscribers see it before any outcome of the job.
         queued = {
             "event": "save_job_queued",
             "job_id": args.job_id,
@@ -186,6 +171,22 @@ def main(argv=None):
                 message_id=f"{args.job_id}/save_job_queued",
             ),
         )
+
+        for index in range(args.images):
+            body = msgpack.packb(build_task(args, index, submitted_at), use_bin_type=True)
+            channel.basic_publish(
+                exchange=tasks_exchange,
+                routing_key=TASK_ROUTING_KEY,
+                body=body,
+                properties=pika.BasicProperties(
+                    content_type="application/msgpack",
+                    delivery_mode=2,  # persistent
+                    message_id=f"{args.job_id}/{index}",
+                    timestamp=int(time.time()),
+                ),
+                mandatory=True,  # unroutable (no bound queue) raises instead of vanishing
+            )
+            print(f"task {args.job_id}/{index} confirmed ({len(body)} bytes)", file=sys.stderr)
     except pika.exceptions.UnroutableError:
         print(f"no queue is bound to {tasks_exchange!r} with key {TASK_ROUTING_KEY!r}; "
               "is the topology declared?", file=sys.stderr)

@@ -75,6 +75,20 @@ pub async fn submit(
         .collect();
 
     let bodies = encode_tasks(&state, tasks).await?;
+    // The queued event goes first: status then sees it before any outcome of the job, so a
+    // subscriber always gets queued -> outcomes -> completed. If the tasks then fail to
+    // publish, the client gets 503 and never learns the id; status forgets the job after its TTL.
+    let queued = Event::now(
+        job_id.clone(),
+        EventKind::SaveJobQueued {
+            num_images: count(num_images),
+        },
+    );
+    state
+        .broker
+        .publish_event(&queued, &trace)
+        .await
+        .map_err(|e| unavailable(&job_id, &e))?;
     let publishes = bodies
         .iter()
         .map(|(id, body)| state.broker.publish_task_bytes(body, id, &trace));
@@ -82,13 +96,6 @@ pub async fn submit(
         .await
         .map_err(|e| unavailable(&job_id, &e))?;
 
-    let queued = Event::now(
-        job_id.clone(),
-        EventKind::SaveJobQueued {
-            num_images: count(num_images),
-        },
-    );
-    publish_queued(&state, &queued, &trace).await;
     tracing::info!(
         %job_id,
         num_images,
@@ -106,26 +113,6 @@ pub async fn submit(
             message,
         }),
     ))
-}
-
-/// Publishes `save_job_queued`, trying three times: it is the only event that tells status
-/// how many images the job has, so without it the job never completes there.
-async fn publish_queued(state: &AppState, queued: &Event, trace: &Headers) {
-    let job_id = &queued.job_id;
-    for attempt in 1..=3 {
-        match state.broker.publish_event(queued, trace).await {
-            Ok(()) => return,
-            Err(e) if attempt < 3 => {
-                tracing::warn!(%job_id, attempt, error = %e, "queued event not confirmed; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
-            }
-            Err(e) => {
-                // The tasks are queued and will be saved; answering 503 now would make the
-                // client submit them twice.
-                tracing::error!(%job_id, error = %e, "[Image Save] Job {job_id}: tasks queued but the queued event was not confirmed");
-            }
-        }
-    }
 }
 
 fn count(n: usize) -> u32 {
