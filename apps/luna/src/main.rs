@@ -1,5 +1,6 @@
 //! `luna`: see the library docs.
 
+use anyhow::Context as _;
 use clap::Parser;
 
 /// Luna Saver: fast, safe image saving for render farms and ComfyUI.
@@ -23,8 +24,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Up(args) => {
-            luna_telemetry::init("luna", args.log_format);
-            luna::up(args, luna_telemetry::shutdown_signal()).await
+            let telemetry = luna_telemetry::init("luna", args.log_format)
+                .context("setting up telemetry")?;
+            let result = luna::up(args, luna_telemetry::shutdown_signal()).await;
+            telemetry.shutdown();
+            result
         }
         Command::Submit(args) => {
             let summary = luna::submit::submit(&args).await?;

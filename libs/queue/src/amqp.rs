@@ -555,6 +555,19 @@ impl AmqpDelivery {
         headers_of(&self.inner.properties)
     }
 
+    pub fn message_id(&self) -> Option<String> {
+        self.inner
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned())
+    }
+
+    /// The exchange the message was published to.
+    pub fn exchange(&self) -> &str {
+        self.inner.exchange.as_str()
+    }
+
     /// The task, if the body decodes.
     ///
     /// # Errors

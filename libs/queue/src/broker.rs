@@ -1,11 +1,68 @@
 //! The one handle services use, whichever backend is behind it.
 
-use luna_job::codec::DecodeError;
-use luna_job::{Event, SaveTask};
+use luna_job::codec::{DecodeError, to_msgpack};
+use luna_job::{Event, ImageFormat, JobId, SaveTask};
+use luna_telemetry::propagation;
+use tracing::Instrument as _;
 
 use crate::amqp::{AmqpBroker, AmqpConfig, AmqpDelivery, AmqpEventStream, AmqpTaskStream};
 use crate::memory::{MemoryBroker, MemoryDelivery, MemoryEventStream, MemoryTaskStream};
+use crate::topology::TASK_ROUTING_KEY;
 use crate::{Headers, QueueError};
+
+/// Which image a task message carries: its message id (`<job>/<index>`) and span attributes.
+#[derive(Debug, Clone)]
+pub struct TaskLabel {
+    pub job_id: JobId,
+    pub image_index: u32,
+    pub format: ImageFormat,
+}
+
+impl TaskLabel {
+    pub fn of(task: &SaveTask) -> Self {
+        Self {
+            job_id: task.job_id.clone(),
+            image_index: task.image_index,
+            format: task.image.format,
+        }
+    }
+
+    /// The AMQP `message_id`, the same on every redelivery.
+    pub fn message_id(&self) -> String {
+        format!("{}/{}", self.job_id, self.image_index)
+    }
+}
+
+/// The `publish` producer span, with the OpenTelemetry messaging attributes.
+fn publish_span(
+    system: &'static str,
+    destination: &str,
+    routing_key: &str,
+    message_id: &str,
+    body_size: usize,
+) -> tracing::Span {
+    tracing::info_span!(
+        "publish",
+        otel.kind = "producer",
+        messaging.system = system,
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = destination,
+        messaging.rabbitmq.destination.routing_key = routing_key,
+        messaging.message.id = message_id,
+        messaging.message.body.size = (body_size > 0).then_some(body_size),
+        luna.job_id = tracing::field::Empty,
+        luna.image.index = tracing::field::Empty,
+        luna.image.format = tracing::field::Empty,
+        luna.event = tracing::field::Empty,
+    )
+}
+
+fn finish(span: &tracing::Span, result: &Result<(), QueueError>) {
+    if let Err(e) = result {
+        luna_telemetry::record_error(span, e.kind(), e);
+    }
+}
 
 /// RabbitMQ, or the in-process queue of `luna up`.
 #[derive(Debug, Clone)]
@@ -73,45 +130,116 @@ impl Broker {
         }
     }
 
+    /// `messaging.system` of spans: `rabbitmq`, or `in_process` for `luna up`'s queue.
+    pub fn system(&self) -> &'static str {
+        match self {
+            Self::Amqp(_) => "rabbitmq",
+            Self::Memory(_) => "in_process",
+        }
+    }
+
+    /// Where tasks are published: the tasks exchange (or `tasks` in process).
+    pub fn tasks_destination(&self) -> String {
+        match self {
+            Self::Amqp(b) => b.topology().tasks_exchange(),
+            Self::Memory(_) => "tasks".to_owned(),
+        }
+    }
+
+    /// Where events are published: the events exchange (or `events` in process).
+    pub fn events_destination(&self) -> String {
+        match self {
+            Self::Amqp(b) => b.topology().events_exchange(),
+            Self::Memory(_) => "events".to_owned(),
+        }
+    }
+
+    /// The queue savers consume (or `tasks` in process).
+    pub fn task_queue(&self) -> String {
+        match self {
+            Self::Amqp(b) => b.topology().task_queue(),
+            Self::Memory(_) => "tasks".to_owned(),
+        }
+    }
+
     /// Publishes a task and waits for the broker to take it.
     ///
     /// # Errors
     /// [`QueueError`] when the broker does not confirm in time.
     pub async fn publish_task(&self, task: &SaveTask, headers: &Headers) -> Result<(), QueueError> {
-        match self {
-            Self::Amqp(b) => b.publish_task(task, headers).await,
-            Self::Memory(b) => b.publish_task(task, headers),
-        }
+        let body = to_msgpack(task)?;
+        self.publish_task_bytes(&body, &TaskLabel::of(task), headers)
+            .await
     }
 
-    /// Publishes an encoded task.
+    /// Publishes an encoded task, in a `publish` span whose context travels in its headers.
     ///
     /// # Errors
     /// [`QueueError`] when the broker does not confirm in time.
     pub async fn publish_task_bytes(
         &self,
         body: &[u8],
-        message_id: &str,
+        label: &TaskLabel,
         headers: &Headers,
     ) -> Result<(), QueueError> {
-        match self {
-            Self::Amqp(b) => b.publish_task_bytes(body, message_id, headers).await,
+        let id = label.message_id();
+        let span = publish_span(
+            self.system(),
+            &self.tasks_destination(),
+            TASK_ROUTING_KEY,
+            &id,
+            body.len(),
+        );
+        span.record("luna.job_id", label.job_id.as_str());
+        span.record("luna.image.index", label.image_index);
+        span.record("luna.image.format", label.format.as_str());
+        let mut headers = headers.clone();
+        propagation::inject(&span, &mut headers);
+        let result = match self {
+            Self::Amqp(b) => {
+                b.publish_task_bytes(body, &id, &headers)
+                    .instrument(span.clone())
+                    .await
+            }
             Self::Memory(b) => {
-                b.publish_task_bytes(body, headers);
+                b.publish_task_bytes(body, &id, &headers);
                 Ok(())
             }
-        }
+        };
+        finish(&span, &result);
+        result
     }
 
-    /// Publishes an event.
+    /// Publishes an event, in a `publish` span whose context travels in its headers.
     ///
     /// # Errors
     /// [`QueueError`] when the broker does not confirm in time.
     pub async fn publish_event(&self, event: &Event, headers: &Headers) -> Result<(), QueueError> {
-        match self {
-            Self::Amqp(b) => b.publish_event(event, headers).await,
-            Self::Memory(b) => b.publish_event(event, headers),
+        let id = format!("{}/{}", event.job_id, event.name());
+        let span = publish_span(
+            self.system(),
+            &self.events_destination(),
+            event.name(),
+            &id,
+            0,
+        );
+        span.record("luna.job_id", event.job_id.as_str());
+        span.record("luna.event", event.name());
+        if let Some(index) = event.kind.image_index() {
+            span.record("luna.image.index", index);
         }
+        let mut headers = headers.clone();
+        propagation::inject(&span, &mut headers);
+        let result = match self {
+            Self::Amqp(b) => {
+                b.publish_event(event, &headers)
+                    .instrument(span.clone())
+                    .await
+            }
+            Self::Memory(b) => b.publish_event(event, &headers),
+        };
+        finish(&span, &result);
+        result
     }
 
     /// Starts a consumer with one unsettled task at a time.
@@ -212,6 +340,14 @@ impl Delivery {
         match self {
             Self::Amqp(d) => d.headers(),
             Self::Memory(d) => d.headers(),
+        }
+    }
+
+    /// The producer's message id (`<job>/<index>` for tasks), when it set one.
+    pub fn message_id(&self) -> Option<String> {
+        match self {
+            Self::Amqp(d) => d.message_id(),
+            Self::Memory(d) => d.message_id(),
         }
     }
 

@@ -13,9 +13,12 @@
 //! - [`memory`]: the in-process backend of `luna up`: same settling, retry and parking
 //!   semantics, no durability.
 //!
-//! # Headers
+//! # Headers and traces
 //! Messages carry string headers ([`Headers`]): W3C trace context (`traceparent`,
-//! `tracestate`) from the publisher, and on parked messages [`PARK_REASON_HEADER`].
+//! `tracestate`), and on parked messages [`PARK_REASON_HEADER`]. Every publish runs in a
+//! `publish` producer span (OpenTelemetry messaging attributes) whose context is injected into
+//! the message's headers, so a consumer's span continues the producer's trace on either
+//! backend.
 
 pub mod amqp;
 pub mod args;
@@ -28,7 +31,7 @@ use std::time::Duration;
 
 pub use amqp::AmqpConfig;
 pub use args::BrokerArgs;
-pub use broker::{Broker, Delivery, EventStream, TaskStream};
+pub use broker::{Broker, Delivery, EventStream, TaskLabel, TaskStream};
 pub use memory::MemoryBroker;
 pub use topology::Topology;
 
@@ -56,4 +59,18 @@ pub enum QueueError {
     Unroutable(String),
     #[error("failed to encode the message")]
     Encode(#[from] luna_job::codec::EncodeError),
+}
+
+impl QueueError {
+    /// A short class for `error.type` on spans.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Broker(_) => "broker",
+            Self::Pool(_) | Self::CreatePool(_) => "connection",
+            Self::Timeout(_) => "timeout",
+            Self::Nacked => "nacked",
+            Self::Unroutable(_) => "unroutable",
+            Self::Encode(_) => "encode",
+        }
+    }
 }

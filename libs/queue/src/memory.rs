@@ -22,6 +22,7 @@ const EVENT_BUFFER: usize = 4096;
 #[derive(Debug, Clone)]
 struct Message {
     body: Arc<Vec<u8>>,
+    message_id: String,
     headers: Headers,
     /// Deliveries so far.
     deliveries: u32,
@@ -87,14 +88,16 @@ impl MemoryBroker {
     /// # Errors
     /// [`QueueError::Encode`] if the task cannot be encoded.
     pub fn publish_task(&self, task: &SaveTask, headers: &Headers) -> Result<(), QueueError> {
-        self.publish_task_bytes(&to_msgpack(task)?, headers);
+        let id = format!("{}/{}", task.job_id, task.image_index);
+        self.publish_task_bytes(&to_msgpack(task)?, &id, headers);
         Ok(())
     }
 
     /// Queues an encoded task.
-    pub fn publish_task_bytes(&self, body: &[u8], headers: &Headers) {
+    pub fn publish_task_bytes(&self, body: &[u8], message_id: &str, headers: &Headers) {
         let message = Message {
             body: Arc::new(body.to_vec()),
+            message_id: message_id.to_owned(),
             headers: headers.clone(),
             deliveries: 0,
         };
@@ -209,6 +212,10 @@ impl MemoryDelivery {
         self.message().headers.clone()
     }
 
+    pub fn message_id(&self) -> Option<String> {
+        Some(self.message().message_id.clone())
+    }
+
     /// # Errors
     /// [`DecodeError`] naming the field that did not decode.
     pub fn task(&self) -> Result<SaveTask, DecodeError> {
@@ -286,8 +293,8 @@ mod tests {
     #[tokio::test]
     async fn deliveries_are_settled_explicitly() {
         let broker = MemoryBroker::new(2);
-        broker.publish_task_bytes(b"a", &Headers::new());
-        broker.publish_task_bytes(b"b", &Headers::new());
+        broker.publish_task_bytes(b"a", "a", &Headers::new());
+        broker.publish_task_bytes(b"b", "b", &Headers::new());
         let mut stream = broker.consume_tasks();
         let first = stream.next().await.expect("some").expect("ok");
         assert_eq!(first.body(), b"a");
@@ -307,7 +314,7 @@ mod tests {
     #[tokio::test]
     async fn the_delivery_limit_parks_a_task_that_keeps_coming_back() {
         let broker = MemoryBroker::new(2);
-        broker.publish_task_bytes(b"crashy", &Headers::new());
+        broker.publish_task_bytes(b"crashy", "crashy", &Headers::new());
         let mut stream = broker.consume_tasks();
         for _ in 0..3 {
             stream.next().await.expect("some").expect("ok").requeue();

@@ -10,7 +10,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use futures_util::future::try_join_all;
 use luna_job::codec::{from_json, from_msgpack, to_msgpack};
 use luna_job::{Event, EventKind, JobId, Limits, Problem, SaveRequest, SaveTask, ValidationError};
-use luna_queue::{Headers, QueueError};
+use luna_queue::{Headers, QueueError, TaskLabel};
+use luna_telemetry::propagation;
+use tracing::Instrument as _;
 use luna_store::Placement;
 use serde::Serialize;
 
@@ -24,17 +26,53 @@ pub struct Accepted {
     pub message: String,
 }
 
-/// W3C trace-context headers copied from the request onto every message, so a client's trace
-/// continues through the broker.
-const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
-
+/// `POST /v1/jobs` in its server span, continuing the client's trace when it sent one.
 pub async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let started = Instant::now();
-    authorize(&state, &headers)?;
+    // The client's trace context: the span's parent, and what travels on when spans are off.
+    let trace = propagation::trace_headers(|k| headers.get(k)?.to_str().ok());
+    let span = tracing::info_span!(
+        "POST /v1/jobs",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = "/v1/jobs",
+        url.path = "/v1/jobs",
+        http.request.body.size = body.as_ref().map_or(0, Bytes::len),
+        http.response.status_code = tracing::field::Empty,
+        luna.job_id = tracing::field::Empty,
+        luna.images = tracing::field::Empty,
+    );
+    propagation::set_parent(&span, &trace);
+    let result = accept(&state, &headers, body, &trace)
+        .instrument(span.clone())
+        .await;
+    let status = match &result {
+        Ok((status, _)) => *status,
+        Err(e) => {
+            // Semantic conventions: a server span fails on 5xx; a 4xx is the client's error.
+            if e.status.is_server_error() {
+                luna_telemetry::record_error(&span, e.status.as_str(), &e.message);
+            }
+            e.status
+        }
+    };
+    span.record("http.response.status_code", status.as_u16());
+    state.metrics.request(status.as_u16(), started.elapsed());
+    result
+}
+
+async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    trace: &Headers,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let started = Instant::now();
+    authorize(state, headers)?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(format!(
@@ -45,7 +83,7 @@ pub async fn submit(
             ApiError::bad_request(format!("could not read the request body: {e}"))
         }
     })?;
-    let request = decode(&headers, &body)?;
+    let request = decode(headers, &body)?;
     drop(body);
 
     let limits = Limits {
@@ -69,12 +107,11 @@ pub async fn submit(
     let tasks = request.into_tasks(&job_id, submitted_at);
     check_placements(&tasks)?;
     let num_images = tasks.len();
-    let trace: Headers = TRACE_HEADERS
-        .iter()
-        .filter_map(|&k| Some((k.to_owned(), headers.get(k)?.to_str().ok()?.to_owned())))
-        .collect();
+    let span = tracing::Span::current();
+    span.record("luna.job_id", job_id.as_str());
+    span.record("luna.images", num_images);
 
-    let bodies = encode_tasks(&state, tasks).await?;
+    let bodies = encode_tasks(state, tasks).await?;
     // The queued event goes first: status then sees it before any outcome of the job, so a
     // subscriber always gets queued -> outcomes -> completed. If the tasks then fail to
     // publish, the client gets 503 and never learns the id; status forgets the job after its TTL.
@@ -84,17 +121,28 @@ pub async fn submit(
             num_images: count(num_images),
         },
     );
+    let publish_started = Instant::now();
     state
         .broker
-        .publish_event(&queued, &trace)
+        .publish_event(&queued, trace)
         .await
         .map_err(|e| unavailable(&job_id, &e))?;
-    let publishes = bodies
-        .iter()
-        .map(|(id, body)| state.broker.publish_task_bytes(body, id, &trace));
+    state
+        .metrics
+        .publish_took("event", publish_started.elapsed());
+    let publishes = bodies.iter().map(|(label, body)| async move {
+        let publish_started = Instant::now();
+        state.broker.publish_task_bytes(body, label, trace).await?;
+        state
+            .metrics
+            .publish_took("task", publish_started.elapsed());
+        state.metrics.published(label.format.as_str());
+        Ok::<_, QueueError>(())
+    });
     try_join_all(publishes)
         .await
         .map_err(|e| unavailable(&job_id, &e))?;
+    state.metrics.accepted();
 
     tracing::info!(
         %job_id,
@@ -196,11 +244,11 @@ fn check_placements(tasks: &[SaveTask]) -> Result<(), ApiError> {
 async fn encode_tasks(
     state: &AppState,
     tasks: Vec<SaveTask>,
-) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
+) -> Result<Vec<(TaskLabel, Vec<u8>)>, ApiError> {
     let limit = state.config.max_inline_bytes;
     let mut out = Vec::with_capacity(tasks.len());
     for mut task in tasks {
-        let id = format!("{}/{}", task.job_id, task.image_index);
+        let label = TaskLabel::of(&task);
         let mut body = to_msgpack(&task).map_err(|e| internal(&e))?;
         if body.len() as u64 > limit {
             let Some(blobs) = state.blobs.clone() else {
@@ -226,7 +274,7 @@ async fn encode_tasks(
             task.image.blob = Some(blob);
             body = to_msgpack(&task).map_err(|e| internal(&e))?;
         }
-        out.push((id, body));
+        out.push((label, body));
     }
     Ok(out)
 }

@@ -10,10 +10,16 @@
 //! - [`Config`]: flags and `LUNA_*` environment variables.
 //! - [`router`]: the HTTP API, kept apart from [`run`] so tests drive it without a socket.
 //! - [`error`]: `ApiError`, the JSON error answer that never leaks internals.
+//! - `metrics`: requests, jobs, published tasks and publish-confirm latency, served as
+//!   Prometheus text on `GET /metrics`.
+//!
+//! Every `POST /v1/jobs` runs in a server span that continues the client's `traceparent`;
+//! each task is published in a child `publish` span whose context travels with the task.
 
 pub mod config;
 pub mod error;
 mod jobs;
+mod metrics;
 
 use std::sync::Arc;
 
@@ -24,6 +30,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use luna_queue::Broker;
 use luna_store::BlobStore;
+use luna_telemetry::Registry;
 use tokio::net::TcpListener;
 
 pub use config::Config;
@@ -35,6 +42,9 @@ pub struct AppState {
     pub broker: Broker,
     pub config: Arc<Config>,
     pub blobs: Option<BlobStore>,
+    /// What `/metrics` shows: the process registry, or a private one in tests.
+    pub registry: Registry,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl AppState {
@@ -52,10 +62,13 @@ impl AppState {
     /// The state on a given broker handle: how `luna up` shares its in-process queue.
     pub fn with_broker(config: Config, broker: Broker) -> Self {
         let blobs = config.blob_dir.clone().map(BlobStore::new);
+        let registry = Registry::shared();
         Self {
             broker,
             config: Arc::new(config),
             blobs,
+            metrics: Arc::new(metrics::Metrics::new(&registry)),
+            registry,
         }
     }
 }
@@ -67,8 +80,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", post(jobs::submit))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+async fn metrics_text(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            luna_telemetry::metrics::CONTENT_TYPE,
+        )],
+        state.registry.render(),
+    )
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {

@@ -6,11 +6,14 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = luna_status::Config::parse();
-    luna_telemetry::init("luna-status", cfg.log_format);
+    let telemetry =
+        luna_telemetry::init("luna-status", cfg.log_format).context("setting up telemetry")?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding HTTP listener on {}", cfg.listen))?;
-    luna_status::run(cfg, listener, luna_telemetry::shutdown_signal())
+    let result = luna_status::run(cfg, listener, luna_telemetry::shutdown_signal())
         .await
-        .context("status service failed")
+        .context("status service failed");
+    telemetry.shutdown();
+    result
 }
