@@ -24,8 +24,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Up(args) => {
-            let telemetry = luna_telemetry::init("luna", args.log_format)
-                .context("setting up telemetry")?;
+            let telemetry =
+                luna_telemetry::init("luna", args.log_format).context("setting up telemetry")?;
             let result = luna::up(args, luna_telemetry::shutdown_signal()).await;
             telemetry.shutdown();
             result

@@ -22,7 +22,7 @@ use luna_job::task::TaskKey;
 pub use blob::{BlobError, BlobStore};
 pub use local::LocalStore;
 pub use placement::{Placement, PlacementError};
-pub use save::{Outcome, SaveError, save_task};
+pub use save::{Outcome, SaveError, Timings, save_task, save_task_timed};
 
 /// A file as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

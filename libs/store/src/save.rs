@@ -1,4 +1,11 @@
 //! One task end to end: validate, place, gate, encode, store.
+//!
+//! Each step runs in its own `tracing` span (`quality_gate`, `encode`, `write`), children of
+//! whatever span the caller is in, and its duration is reported in [`Timings`].
+
+use std::time::{Duration, Instant};
+
+use tracing::field::Empty;
 
 use luna_imaging::gate::{self, Verdict};
 use luna_imaging::{EncodeError, EncodeOptions, ImageView, Metadata, ShapeError};
@@ -47,6 +54,19 @@ pub enum SaveError {
 }
 
 impl SaveError {
+    /// A short, low-cardinality class: a metric label and the `error.type` of spans.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "invalid",
+            Self::Placement(_) => "placement",
+            Self::Shape(_) => "shape",
+            Self::Encode(_) => "encode",
+            Self::Store(_) => "storage",
+            Self::Blob(_) => "blob",
+            Self::NoBlobStore => "no_blob_store",
+        }
+    }
+
     /// True when the same task may succeed later (storage trouble); false when retrying cannot
     /// help (the task itself is bad), so it should be parked at once.
     pub fn is_transient(&self) -> bool {
@@ -62,6 +82,14 @@ impl SaveError {
     }
 }
 
+/// How long each step took; `None` for a step that did not run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    pub quality_gate: Option<Duration>,
+    pub encode: Option<Duration>,
+    pub write: Option<Duration>,
+}
+
 /// Saves one task into `store`, reading claim-checked pixels from `blobs`. Pure CPU and
 /// blocking I/O: run it on a blocking thread. The blob itself is left in place; remove it once
 /// the outcome is final (see [`BlobStore::remove`]).
@@ -72,6 +100,19 @@ pub fn save_task(
     task: &SaveTask,
     store: &dyn Store,
     blobs: Option<&BlobStore>,
+) -> Result<Outcome, SaveError> {
+    save_task_timed(task, store, blobs, &mut Timings::default())
+}
+
+/// [`save_task`], recording each step's duration into `timings`.
+///
+/// # Errors
+/// As [`save_task`].
+pub fn save_task_timed(
+    task: &SaveTask,
+    store: &dyn Store,
+    blobs: Option<&BlobStore>,
+    timings: &mut Timings,
 ) -> Result<Outcome, SaveError> {
     task.validate()?;
     let placement = Placement::for_task(task)?;
@@ -88,7 +129,26 @@ pub fn save_task(
     let channels = u8::try_from(img.channels).unwrap_or(0);
     let view = ImageView::new(pixels, img.width, img.height, channels)?;
 
-    let verdict = gate::evaluate(o.quality_gate, &view, o.min_quality_threshold);
+    let verdict = if o.quality_gate == QualityGate::Disabled {
+        None
+    } else {
+        let span = tracing::info_span!(
+            "quality_gate",
+            luna.gate = o.quality_gate.as_str(),
+            luna.quality.threshold = o.min_quality_threshold,
+            luna.quality.score = Empty,
+            luna.quality.passed = Empty,
+        )
+        .entered();
+        let started = Instant::now();
+        let verdict = gate::evaluate(o.quality_gate, &view, o.min_quality_threshold);
+        timings.quality_gate = Some(started.elapsed());
+        if let Some(v) = &verdict {
+            span.record("luna.quality.score", v.score);
+            span.record("luna.quality.passed", v.passed);
+        }
+        verdict
+    };
     let rejected = matches!(verdict, Some(Verdict { passed: false, .. }));
     if rejected && !o.keep_rejected {
         let score = verdict.map_or(0.0, |v| v.score);
@@ -107,13 +167,45 @@ pub fn save_task(
         lossy_quality: u8::try_from(o.lossy_quality).unwrap_or(90),
         lossless_webp: o.lossless_webp,
     };
-    let encoded = luna_imaging::encode(&view, &options, &Metadata::from_task(task))?;
+    let encoded = {
+        let span = tracing::info_span!(
+            "encode",
+            luna.image.format = img.format.as_str(),
+            luna.image.width = img.width,
+            luna.image.height = img.height,
+            luna.image.bytes = Empty,
+        )
+        .entered();
+        let started = Instant::now();
+        let encoded = luna_imaging::encode(&view, &options, &Metadata::from_task(task));
+        timings.encode = Some(started.elapsed());
+        let encoded = encoded?;
+        span.record("luna.image.bytes", encoded.bytes.len());
+        encoded
+    };
     let target = if rejected {
         placement.discarded()
     } else {
         placement
     };
-    let stored = store.put(&task.key(), &target, &encoded)?;
+    let stored = {
+        let span = tracing::info_span!(
+            "write",
+            luna.image.format = img.format.as_str(),
+            luna.path = Empty,
+            luna.image.bytes = Empty,
+            luna.redelivery = Empty,
+        )
+        .entered();
+        let started = Instant::now();
+        let stored = store.put(&task.key(), &target, &encoded);
+        timings.write = Some(started.elapsed());
+        let stored = stored?;
+        span.record("luna.path", stored.path.as_str());
+        span.record("luna.image.bytes", stored.bytes);
+        span.record("luna.redelivery", stored.already_stored);
+        stored
+    };
     Ok(match verdict {
         Some(v) if !v.passed => Outcome::Rejected {
             gate: o.quality_gate,

@@ -17,9 +17,7 @@ use opentelemetry::{KeyValue, Value};
 use opentelemetry_otlp::MetricExporter;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::metrics::data::{
-    AggregatedMetrics, Metric, MetricData, ResourceMetrics,
-};
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, Metric, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{
     InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality,
@@ -72,9 +70,7 @@ impl Registry {
 
     /// Installs the process registry (the first call wins).
     pub(crate) fn install(resource: Resource, otlp: Option<MetricExporter>) -> Self {
-        PROCESS
-            .get_or_init(|| Self::build(resource, otlp))
-            .clone()
+        PROCESS.get_or_init(|| Self::build(resource, otlp)).clone()
     }
 
     fn build(resource: Resource, otlp: Option<MetricExporter>) -> Self {
@@ -299,7 +295,12 @@ fn samples<T: Number>(name: &str, data: &MetricData<T>, out: &mut String) {
                 );
                 let plain = labels(p.attributes(), None);
                 line(out, &format!("{name}_sum"), &plain, &p.sum().text());
-                line(out, &format!("{name}_count"), &plain, &p.count().to_string());
+                line(
+                    out,
+                    &format!("{name}_count"),
+                    &plain,
+                    &p.count().to_string(),
+                );
             }
         }
         MetricData::ExponentialHistogram(_) => {}
@@ -368,7 +369,10 @@ mod tests {
             .build();
         saved.add(2, &[KeyValue::new("format", "png")]);
         saved.add(1, &[KeyValue::new("format", "we\"bp")]);
-        let bytes = meter.u64_counter("luna.bytes.written").with_unit("By").build();
+        let bytes = meter
+            .u64_counter("luna.bytes.written")
+            .with_unit("By")
+            .build();
         bytes.add(10, &[]);
         let depth = meter.i64_up_down_counter("luna.queue.depth").build();
         depth.add(-3, &[]);
@@ -384,9 +388,15 @@ mod tests {
         assert!(text.contains("luna_bytes_written_total 10\n"), "{text}");
         assert!(text.contains("# TYPE luna_queue_depth gauge\nluna_queue_depth -3\n"));
         assert!(text.contains("# TYPE luna_publish_duration_seconds histogram\n"));
-        assert!(text.contains("luna_publish_duration_seconds_bucket{kind=\"task\",le=\"0.0025\"} 0\n"));
-        assert!(text.contains("luna_publish_duration_seconds_bucket{kind=\"task\",le=\"0.005\"} 1\n"));
-        assert!(text.contains("luna_publish_duration_seconds_bucket{kind=\"task\",le=\"+Inf\"} 2\n"));
+        assert!(
+            text.contains("luna_publish_duration_seconds_bucket{kind=\"task\",le=\"0.0025\"} 0\n")
+        );
+        assert!(
+            text.contains("luna_publish_duration_seconds_bucket{kind=\"task\",le=\"0.005\"} 1\n")
+        );
+        assert!(
+            text.contains("luna_publish_duration_seconds_bucket{kind=\"task\",le=\"+Inf\"} 2\n")
+        );
         assert!(text.contains("luna_publish_duration_seconds_count{kind=\"task\"} 2\n"));
     }
 

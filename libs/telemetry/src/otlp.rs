@@ -60,9 +60,8 @@ struct Plan {
 impl Plan {
     fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Self {
         let set = |key: &str| var(key).is_some_and(|v| !v.trim().is_empty());
-        let is = |key: &str, value: &str| {
-            var(key).is_some_and(|v| v.trim().eq_ignore_ascii_case(value))
-        };
+        let is =
+            |key: &str, value: &str| var(key).is_some_and(|v| v.trim().eq_ignore_ascii_case(value));
         if is("OTEL_SDK_DISABLED", "true") {
             return Self {
                 traces: false,
@@ -109,7 +108,10 @@ mod tests {
 
     #[test]
     fn per_signal_endpoints_and_opt_outs() {
-        let p = plan(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4318/v1/traces")]);
+        let p = plan(&[(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://c:4318/v1/traces",
+        )]);
         assert!(p.traces && !p.metrics);
         let p = plan(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),

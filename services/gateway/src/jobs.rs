@@ -11,10 +11,10 @@ use futures_util::future::try_join_all;
 use luna_job::codec::{from_json, from_msgpack, to_msgpack};
 use luna_job::{Event, EventKind, JobId, Limits, Problem, SaveRequest, SaveTask, ValidationError};
 use luna_queue::{Headers, QueueError, TaskLabel};
-use luna_telemetry::propagation;
-use tracing::Instrument as _;
 use luna_store::Placement;
+use luna_telemetry::propagation;
 use serde::Serialize;
+use tracing::Instrument as _;
 
 use crate::{ApiError, AppState};
 

@@ -6,26 +6,29 @@ use axum::http::StatusCode;
 use axum::routing::get;
 
 use crate::Context;
+use crate::metrics::Live;
 
 pub fn router(ctx: Context) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|State(ctx): State<Context>| async move { ctx.metrics.render() }),
-        )
+        .route("/metrics", get(metrics))
         .with_state(ctx)
+}
+
+async fn metrics(State(ctx): State<Context>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            luna_telemetry::metrics::CONTENT_TYPE,
+        )],
+        ctx.registry.render(),
+    )
 }
 
 /// Ready while at least one slot consumes tasks: that needs the broker and the task queue.
 async fn readyz(State(ctx): State<Context>) -> (StatusCode, &'static str) {
-    if ctx
-        .metrics
-        .consumers
-        .load(std::sync::atomic::Ordering::Relaxed)
-        > 0
-    {
+    if Live::get(&ctx.metrics.live.consumers) > 0 {
         (StatusCode::OK, "ready")
     } else {
         (

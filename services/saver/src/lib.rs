@@ -23,6 +23,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use luna_queue::Broker;
 use luna_store::{BlobStore, LocalStore};
+use luna_telemetry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +39,8 @@ pub struct Context {
     /// Unique per process: host, pid and a random suffix.
     pub worker_id: Arc<str>,
     pub metrics: Arc<metrics::Metrics>,
+    /// What `/metrics` shows: the process registry, or a private one in tests.
+    pub registry: Registry,
 }
 
 impl Context {
@@ -56,12 +59,15 @@ impl Context {
     pub fn with_broker(config: Config, broker: Broker) -> Self {
         let store = Arc::new(LocalStore::new(&config.output_root));
         let blobs = config.blob_dir.clone().map(BlobStore::new);
+        let registry = Registry::shared();
         Self {
             worker_id: worker_id().into(),
             metrics: Arc::new(metrics::Metrics::new(
+                &registry,
                 config.min_workers,
                 config.max_workers,
             )),
+            registry,
             config: Arc::new(config),
             broker,
             store,

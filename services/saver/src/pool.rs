@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Context;
+use crate::metrics::Live;
 use crate::worker;
 
 /// What the scaler knows about a slot.
@@ -81,7 +82,7 @@ async fn scale(
         .iter()
         .filter(|s| s.busy.load(Ordering::Relaxed))
         .count();
-    ctx.metrics.slots_busy.store(busy as u64, Ordering::Relaxed);
+    Live::set(&ctx.metrics.live.slots_busy, busy as u64);
     let depth = match ctx.broker.task_queue_depth().await {
         Ok(d) => d,
         Err(e) => {
@@ -89,9 +90,11 @@ async fn scale(
             return;
         }
     };
-    ctx.metrics
-        .queue_depth
-        .store(u64::from(depth), Ordering::Relaxed);
+    Live::set(&ctx.metrics.live.queue_depth, u64::from(depth));
+    match ctx.broker.parked_count().await {
+        Ok(parked) => Live::set(&ctx.metrics.live.parked, u64::from(parked)),
+        Err(e) => tracing::debug!(error = %e, "parked count unavailable"),
+    }
 
     if depth > 0 && busy == slots.len() && slots.len() < ctx.config.max_workers {
         let slot = start_slot(ctx, tracker, stop, next_id);
@@ -130,7 +133,7 @@ async fn scale(
 }
 
 fn set_active(ctx: &Context, n: usize) {
-    ctx.metrics.slots_active.store(n as u64, Ordering::Relaxed);
+    Live::set(&ctx.metrics.live.slots_active, n as u64);
 }
 
 fn start_slot(
@@ -187,7 +190,7 @@ async fn slot_loop(
                 continue;
             }
         };
-        ctx.metrics.consumers.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.live.consumers.fetch_add(1, Ordering::Relaxed);
         loop {
             let next = tokio::select! {
                 () = stop.cancelled() => None,
@@ -195,7 +198,7 @@ async fn slot_loop(
             };
             match next {
                 None => {
-                    ctx.metrics.consumers.fetch_sub(1, Ordering::Relaxed);
+                    ctx.metrics.live.consumers.fetch_sub(1, Ordering::Relaxed);
                     stream.cancel().await;
                     return;
                 }
@@ -218,7 +221,7 @@ async fn slot_loop(
                 }
             }
         }
-        ctx.metrics.consumers.fetch_sub(1, Ordering::Relaxed);
+        ctx.metrics.live.consumers.fetch_sub(1, Ordering::Relaxed);
         stream.cancel().await;
     }
 }

@@ -16,36 +16,74 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use luna_job::{Event, EventKind, JobId, SaveTask};
-use luna_queue::{Delivery, Headers};
-use luna_store::{Outcome, save_task};
+use luna_queue::topology::TASK_ROUTING_KEY;
+use luna_queue::{Delivery, Headers, QueueError};
+use luna_store::{Outcome, Timings, save_task_timed};
+use luna_telemetry::propagation;
+use tracing::field::Empty;
+use tracing::{Instrument as _, Span};
 
 use crate::Context;
-use crate::metrics::inc;
 
-/// Handles one delivery and settles it.
+/// Handles one delivery and settles it, in a `process` consumer span that continues the
+/// producer's trace from the message headers.
 pub async fn handle(ctx: &Context, delivery: Delivery) {
-    let previous = delivery.delivery_count();
     let headers = delivery.headers();
+    let span = tracing::info_span!(
+        "process",
+        otel.kind = "consumer",
+        messaging.system = ctx.broker.system(),
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = ctx.broker.tasks_destination(),
+        messaging.destination.subscription.name = ctx.broker.task_queue(),
+        messaging.rabbitmq.destination.routing_key = TASK_ROUTING_KEY,
+        messaging.message.id = delivery.message_id(),
+        messaging.message.body.size = delivery.body().len(),
+        luna.attempt = delivery.delivery_count() + 1,
+        luna.worker = &*ctx.worker_id,
+        luna.job_id = Empty,
+        luna.image.index = Empty,
+        luna.image.format = Empty,
+        luna.image.bytes = Empty,
+        luna.outcome = Empty,
+    );
+    propagation::set_parent(&span, &headers);
+    process(ctx, delivery, headers, &span)
+        .instrument(span.clone())
+        .await;
+}
+
+async fn process(ctx: &Context, delivery: Delivery, headers: Headers, span: &Span) {
+    let previous = delivery.delivery_count();
     let task = match delivery.task() {
         Ok(task) => task,
         Err(e) => {
-            park(ctx, delivery, &format!("undecodable task: {e}")).await;
+            let reason = format!("undecodable task: {e}");
+            fail(ctx, span, "unknown", "undecodable", &reason);
+            park(ctx, delivery, &reason, "undecodable").await;
             return;
         }
     };
     let job_id = task.job_id.clone();
     let index = task.image_index;
+    let format = task.image.format.as_str();
+    span.record("luna.job_id", job_id.as_str());
+    span.record("luna.image.index", index);
+    span.record("luna.image.format", format);
     if let Err(e) = task.validate() {
         let reason = format!("invalid task: {e}");
+        fail(ctx, span, format, "invalid", &reason);
         report_failure(ctx, &task, &reason, previous + 1, true, &headers).await;
-        park(ctx, delivery, &reason).await;
+        park(ctx, delivery, &reason, "invalid").await;
         return;
     }
     if previous >= ctx.config.max_attempts {
         let reason =
             format!("gave up after {previous} deliveries (a saver may have crashed on it)");
+        fail(ctx, span, format, "redelivery_limit", &reason);
         report_failure(ctx, &task, &reason, previous + 1, true, &headers).await;
-        park(ctx, delivery, &reason).await;
+        park(ctx, delivery, &reason, "redelivery_limit").await;
         return;
     }
 
@@ -55,10 +93,18 @@ pub async fn handle(ctx: &Context, delivery: Delivery) {
     loop {
         let result = {
             let (task, store, blobs) = (task.clone(), ctx.store.clone(), ctx.blobs.clone());
-            tokio::task::spawn_blocking(move || save_task(&task, store.as_ref(), blobs.as_ref()))
-                .await
+            let span = span.clone();
+            tokio::task::spawn_blocking(move || {
+                span.in_scope(|| {
+                    let mut timings = Timings::default();
+                    let result =
+                        save_task_timed(&task, store.as_ref(), blobs.as_ref(), &mut timings);
+                    (result, timings)
+                })
+            })
+            .await
         };
-        let result = match result {
+        let (result, timings) = match result {
             Ok(r) => r,
             Err(join) => {
                 // A panic in a codec: treat like a crash, leave the task to redelivery.
@@ -67,11 +113,13 @@ pub async fn handle(ctx: &Context, delivery: Delivery) {
                 return;
             }
         };
+        ctx.metrics
+            .timings(format, task.options.quality_gate.as_str(), &timings);
         match result {
             Ok(outcome) => {
                 let elapsed = started.elapsed();
                 let event = outcome_event(ctx, &task, &outcome, elapsed);
-                if let Err(e) = ctx.broker.publish_event(&event, &headers).await {
+                if let Err(e) = publish_event(ctx, &event, &headers).await {
                     // The file is durable; without a confirmed event the task must come back,
                     // and the redelivery will find the file instead of writing another.
                     tracing::warn!(%job_id, index, error = %e, "event not confirmed; task goes back to the queue");
@@ -79,7 +127,7 @@ pub async fn handle(ctx: &Context, delivery: Delivery) {
                     return;
                 }
                 log_outcome(&job_id, index, &outcome, elapsed);
-                count_outcome(ctx, &outcome);
+                count_outcome(ctx, span, &task, &outcome);
                 if let Err(e) = delivery.ack().await {
                     tracing::warn!(%job_id, index, error = %e, "ack failed; the redelivery will find the saved file");
                 }
@@ -90,7 +138,7 @@ pub async fn handle(ctx: &Context, delivery: Delivery) {
                 let reason = error_chain(&e);
                 let wait = ctx.config.backoff(attempt);
                 tracing::warn!(%job_id, index, attempt, ?wait, error = %reason, "[Image Save] Job {job_id}: image {index} failed, retrying");
-                inc(&ctx.metrics.retries);
+                ctx.metrics.retried(format);
                 report_failure(ctx, &task, &reason, attempt, false, &headers).await;
                 tokio::time::sleep(wait).await;
                 attempt += 1;
@@ -98,10 +146,11 @@ pub async fn handle(ctx: &Context, delivery: Delivery) {
             Err(e) => {
                 let reason = error_chain(&e);
                 tracing::error!(%job_id, index, attempt, error = %reason, "[Image Save] Job {job_id}: image {index} failed for good");
+                fail(ctx, span, format, e.kind(), &reason);
                 report_failure(ctx, &task, &reason, attempt, true, &headers).await;
                 // The blob stays with a parked task, so it can be replayed; the sweep removes it
                 // after --blob-ttl.
-                park(ctx, delivery, &reason).await;
+                park(ctx, delivery, &reason, e.kind()).await;
                 return;
             }
         }
@@ -172,18 +221,41 @@ fn log_outcome(job_id: &JobId, index: u32, outcome: &Outcome, elapsed: Duration)
     }
 }
 
-fn count_outcome(ctx: &Context, outcome: &Outcome) {
+/// Counts a confirmed outcome (once per image: the event is confirmed only once per delivery
+/// that reaches here) and records it on the `process` span.
+fn count_outcome(ctx: &Context, span: &Span, task: &SaveTask, outcome: &Outcome) {
+    let format = task.image.format.as_str();
     match outcome {
         Outcome::Saved { stored, .. } => {
-            inc(&ctx.metrics.saved);
-            if !stored.already_stored {
-                ctx.metrics
-                    .bytes_written
-                    .fetch_add(stored.bytes, std::sync::atomic::Ordering::Relaxed);
-            }
+            span.record("luna.outcome", "saved");
+            span.record("luna.image.bytes", stored.bytes);
+            let written = if stored.already_stored {
+                0
+            } else {
+                stored.bytes
+            };
+            ctx.metrics.saved(format, written);
         }
-        Outcome::Rejected { .. } => inc(&ctx.metrics.rejected),
+        Outcome::Rejected { gate, .. } => {
+            span.record("luna.outcome", "rejected");
+            ctx.metrics.rejected(format, gate.as_str());
+        }
     }
+}
+
+/// Counts a final failure and marks the `process` span failed.
+fn fail(ctx: &Context, span: &Span, format: &'static str, reason: &'static str, message: &str) {
+    span.record("luna.outcome", "failed");
+    luna_telemetry::record_error(span, reason, &message);
+    ctx.metrics.failed(format, reason);
+}
+
+/// Publishes an event and records how long the confirm took.
+async fn publish_event(ctx: &Context, event: &Event, headers: &Headers) -> Result<(), QueueError> {
+    let started = Instant::now();
+    ctx.broker.publish_event(event, headers).await?;
+    ctx.metrics.event_published(started.elapsed());
+    Ok(())
 }
 
 async fn report_failure(
@@ -194,28 +266,21 @@ async fn report_failure(
     is_final: bool,
     headers: &Headers,
 ) {
-    if is_final {
-        inc(&ctx.metrics.failed_final);
-    }
     let kind = EventKind::ImageFailed {
         index: task.image_index,
         error: error.to_owned(),
         attempt,
         is_final,
     };
-    if let Err(e) = ctx
-        .broker
-        .publish_event(&Event::now(task.job_id.clone(), kind), headers)
-        .await
-    {
+    if let Err(e) = publish_event(ctx, &Event::now(task.job_id.clone(), kind), headers).await {
         tracing::warn!(job_id = %task.job_id, index = task.image_index, error = %e, "image_failed event not confirmed");
     }
 }
 
-async fn park(ctx: &Context, delivery: Delivery, reason: &str) {
+async fn park(ctx: &Context, delivery: Delivery, reason: &str, kind: &'static str) {
     tracing::warn!(reason, "parking task");
     match delivery.park(reason).await {
-        Ok(()) => inc(&ctx.metrics.parked),
+        Ok(()) => ctx.metrics.parked(kind),
         Err(e) => tracing::error!(error = %e, "parking failed; the task stays queued"),
     }
 }

@@ -14,10 +14,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use luna_job::JobId;
 use luna_queue::Broker;
+use luna_telemetry::Registry;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::table::JobView;
 use crate::ws;
 
@@ -41,20 +43,36 @@ struct Shared {
     token: Option<String>,
     /// Cancelled on shutdown, so open WebSockets close with "going away" instead of hanging.
     shutdown: CancellationToken,
+    /// What `/metrics` shows: the process registry, or a private one in tests.
+    registry: Registry,
+    metrics: Metrics,
 }
 
 impl AppState {
     /// State for [`router`]. `token`, when set, is required on every route but the probes.
     pub fn new(hub: Hub, broker: Broker, token: Option<String>) -> Self {
-        Self {
-            inner: Arc::new(Shared {
+        let registry = Registry::shared();
+        let inner = Arc::new_cyclic(|me: &std::sync::Weak<Shared>| {
+            // Weak: the gauge must not keep the state (and its hub) alive.
+            let me = me.clone();
+            let metrics = Metrics::new(&registry, move || {
+                me.upgrade().map_or(0, |s| s.hub.job_count())
+            });
+            Shared {
                 hub,
                 broker,
                 subscribed: AtomicBool::new(false),
                 token,
                 shutdown: CancellationToken::new(),
-            }),
-        }
+                registry,
+                metrics,
+            }
+        });
+        Self { inner }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     pub fn hub(&self) -> &Hub {
@@ -163,6 +181,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
         .merge(api)
         .merge(websocket)
         .fallback(|| async { ApiError::NoRoute })
@@ -200,6 +219,17 @@ struct WsParams {
     job_id: Option<String>,
 }
 
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            luna_telemetry::metrics::CONTENT_TYPE,
+        )],
+        state.inner.registry.render(),
+    )
+        .into_response()
+}
+
 async fn websocket(
     State(state): State<AppState>,
     params: Result<Query<WsParams>, QueryRejection>,
@@ -218,7 +248,10 @@ async fn websocket(
     let shutdown = state.shutdown_token();
     Ok(upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| ws::session(socket, subscription, shutdown)))
+        .on_upgrade(move |socket| async move {
+            let _counted = state.metrics().subscriber();
+            ws::session(socket, subscription, shutdown).await;
+        }))
 }
 
 async fn require_token(

@@ -117,6 +117,11 @@ impl Hub {
         self.lock().table.get(id, now)
     }
 
+    /// Jobs the table holds.
+    pub fn job_count(&self) -> usize {
+        self.lock().table.len()
+    }
+
     /// Subscribers currently registered (closed ones linger until the next event).
     pub fn subscriber_count(&self) -> usize {
         self.lock().subscribers.len()

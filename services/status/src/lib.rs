@@ -12,13 +12,15 @@
 //! - [`table`]: the pure, bounded, expiring job table and completion derivation.
 //! - [`hub`]: the table behind one lock plus per-subscriber bounded queues.
 //! - `relay`: the broker consumer, resubscribing with backoff.
-//! - [`http`]: `router(state)`, handlers, auth and [`ApiError`].
+//! - [`http`]: `router(state)`, handlers (with `/metrics`), auth and [`ApiError`].
+//! - `metrics`: events relayed, WebSocket subscribers, jobs tracked.
 //! - `ws`: one WebSocket session (replay, live, pings, closing slow clients).
 //! - [`run`]: wires it together on a given listener until a given shutdown future resolves.
 
 pub mod config;
 pub mod http;
 pub mod hub;
+mod metrics;
 mod relay;
 pub mod table;
 mod ws;

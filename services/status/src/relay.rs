@@ -4,7 +4,8 @@ use std::error::Error as StdError;
 use std::time::{Duration, Instant};
 
 use luna_job::{Event, EventKind};
-use luna_queue::{EventStream, QueueError};
+use luna_queue::{EventStream, Headers, QueueError};
+use luna_telemetry::propagation;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::AppState;
@@ -80,7 +81,7 @@ async fn consume(state: &AppState, stream: &mut EventStream, cancel: &Cancellati
             next = stream.next() => next,
         };
         match next {
-            Some(Ok((Ok(event), _headers))) => relay(state, event),
+            Some(Ok((Ok(event), headers))) => relay(state, event, &headers),
             Some(Ok((Err(error), _headers))) => {
                 // Acknowledged already; a message that does not decode never will.
                 tracing::warn!(%error, "skipping an event that does not decode");
@@ -91,8 +92,26 @@ async fn consume(state: &AppState, stream: &mut EventStream, cancel: &Cancellati
     }
 }
 
-fn relay(state: &AppState, event: Event) {
+/// Records and fans out one event, in a `relay` consumer span continuing the publisher's trace.
+fn relay(state: &AppState, event: Event, headers: &Headers) {
+    let broker = state.broker();
+    let span = tracing::info_span!(
+        "relay",
+        otel.kind = "consumer",
+        messaging.system = broker.system(),
+        messaging.operation.type = "process",
+        messaging.operation.name = "relay",
+        messaging.destination.name = broker.events_destination(),
+        messaging.rabbitmq.destination.routing_key = event.name(),
+        luna.job_id = event.job_id.as_str(),
+        luna.event = event.name(),
+        luna.image.index = event.kind.image_index(),
+        luna.subscribers = state.hub().subscriber_count(),
+    );
+    propagation::set_parent(&span, headers);
+    let _entered = span.enter();
     tracing::debug!(job_id = %event.job_id, event = event.name(), index = event.kind.image_index(), "event");
+    state.metrics().relayed(event.name());
     if let Some(done) = state.hub().publish(event, Instant::now()) {
         log_completion(&done);
     }

@@ -193,8 +193,13 @@ async fn malformed_tasks_are_parked_with_a_reason_and_the_saver_keeps_serving() 
     let gateway = env.start_gateway(env.gateway_config()).await;
     let saver = env.start_saver(env.saver_config()).await;
     let headers = luna_queue::Headers::new();
+    let label = luna_queue::TaskLabel {
+        job_id: luna_job::JobId::new(),
+        image_index: 0,
+        format: ImageFormat::Png,
+    };
     env.broker
-        .publish_task_bytes(b"\xc1 definitely not msgpack", "bad-1", &headers)
+        .publish_task_bytes(b"\xc1 definitely not msgpack", &label, &headers)
         .await
         .expect("publish");
     // Decodes, but breaks the contract: a schema from the future and an impossible image.
@@ -273,7 +278,7 @@ async fn the_pool_grows_to_max_under_backlog_and_shrinks_when_idle() {
     let mut cfg = env.saver_config();
     cfg.idle_timeout = Duration::from_secs(1);
     let saver = env.start_saver(cfg).await;
-    assert_eq!(metric(&saver, "luna_saver_slots_active").await, 2);
+    assert_eq!(metric(&saver, "luna_save_slots_active").await, 2);
 
     // A backlog of slow saves: large frames at the strongest PNG level.
     let mut total = 0;
@@ -292,7 +297,7 @@ async fn the_pool_grows_to_max_under_backlog_and_shrinks_when_idle() {
     let deadline = Instant::now() + LONG;
     let mut peak = 0;
     while peak < 4 {
-        peak = peak.max(metric(&saver, "luna_saver_slots_active").await);
+        peak = peak.max(metric(&saver, "luna_save_slots_active").await);
         assert!(
             Instant::now() < deadline,
             "pool never grew to 4 (peak {peak})"
@@ -302,7 +307,7 @@ async fn the_pool_grows_to_max_under_backlog_and_shrinks_when_idle() {
     log.wait_until(LONG, |e| count(e, "image_saved", None) == total)
         .await;
     let deadline = Instant::now() + LONG;
-    while metric(&saver, "luna_saver_slots_active").await > 2 {
+    while metric(&saver, "luna_save_slots_active").await > 2 {
         assert!(Instant::now() < deadline, "pool never shrank back to 2");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
