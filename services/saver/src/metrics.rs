@@ -162,11 +162,16 @@ impl Metrics {
         self.bytes_written.add(bytes_written, &attrs);
     }
 
-    pub fn rejected(&self, format: &'static str, gate: &'static str) {
+    /// A rejection; `bytes_written` is the size of the file kept under `_discarded/`, if any.
+    pub fn rejected(&self, format: &'static str, gate: &'static str, bytes_written: u64) {
         self.rejected.add(
             1,
             &[KeyValue::new("format", format), KeyValue::new("gate", gate)],
         );
+        if bytes_written > 0 {
+            self.bytes_written
+                .add(bytes_written, &[KeyValue::new("format", format)]);
+        }
     }
 
     pub fn failed(&self, format: &'static str, reason: &'static str) {

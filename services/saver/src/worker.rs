@@ -229,17 +229,25 @@ fn count_outcome(ctx: &Context, span: &Span, task: &SaveTask, outcome: &Outcome)
         Outcome::Saved { stored, .. } => {
             span.record("luna.outcome", "saved");
             span.record("luna.image.bytes", stored.bytes);
-            let written = if stored.already_stored {
-                0
-            } else {
-                stored.bytes
-            };
-            ctx.metrics.saved(format, written);
+            ctx.metrics.saved(format, written(stored));
         }
-        Outcome::Rejected { gate, .. } => {
+        Outcome::Rejected { gate, stored, .. } => {
             span.record("luna.outcome", "rejected");
-            ctx.metrics.rejected(format, gate.as_str());
+            let bytes = stored.as_ref().map_or(0, written);
+            if bytes > 0 {
+                span.record("luna.image.bytes", bytes);
+            }
+            ctx.metrics.rejected(format, gate.as_str(), bytes);
         }
+    }
+}
+
+/// Bytes this delivery wrote: none when a redelivery found the file already stored.
+fn written(stored: &luna_store::Stored) -> u64 {
+    if stored.already_stored {
+        0
+    } else {
+        stored.bytes
     }
 }
 
