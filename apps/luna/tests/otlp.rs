@@ -417,8 +417,6 @@ async fn luna_up_exports_the_jobs_trace_and_metrics_over_otlp_grpc() {
         spans.extend(rs.scope_spans.iter().flat_map(|ss| &ss.spans));
     }
     let all = dump(&spans);
-    eprintln!("TRACE EXPORTS {} METRIC EXPORTS {}\n{all}", traces.len(), metrics.len());
-    for m in &metrics { for rm in &m.resource_metrics { for sm in &rm.scope_metrics { for mm in &sm.metrics { if mm.name == "luna.images.saved" { eprintln!("{:?}", mm.data); } } } } }
 
     // Every span of the job is in the client's trace.
     let pipeline = [

@@ -246,7 +246,7 @@ impl AmqpBroker {
     /// [`QueueError`] when the broker does not confirm within the timeout.
     pub async fn publish_event(&self, event: &Event, headers: &Headers) -> Result<(), QueueError> {
         let body = to_msgpack(event)?;
-        let props = message_properties(&format!("{}/{}", event.job_id, event.name()), headers);
+        let props = message_properties(&crate::broker::event_message_id(event), headers);
         let exchange = self.inner.topology.events_exchange();
         self.publish(&exchange, event.name(), &body, props, false)
             .await

@@ -1,7 +1,7 @@
 //! The one handle services use, whichever backend is behind it.
 
 use luna_job::codec::{DecodeError, to_msgpack};
-use luna_job::{Event, ImageFormat, JobId, SaveTask};
+use luna_job::{Event, EventKind, ImageFormat, JobId, SaveTask};
 use luna_telemetry::propagation;
 use tracing::Instrument as _;
 
@@ -30,6 +30,20 @@ impl TaskLabel {
     /// The AMQP `message_id`, the same on every redelivery.
     pub fn message_id(&self) -> String {
         format!("{}/{}", self.job_id, self.image_index)
+    }
+}
+
+/// The message id of an event: `<job>/<event>`, with the image index for image events and the
+/// attempt for `image_failed`, so each message a job produces has its own.
+pub fn event_message_id(event: &Event) -> String {
+    match &event.kind {
+        EventKind::ImageFailed { index, attempt, .. } => {
+            format!("{}/{index}/image_failed/{attempt}", event.job_id)
+        }
+        kind => match kind.image_index() {
+            Some(index) => format!("{}/{index}/{}", event.job_id, kind.name()),
+            None => format!("{}/{}", event.job_id, kind.name()),
+        },
     }
 }
 
@@ -215,7 +229,7 @@ impl Broker {
     /// # Errors
     /// [`QueueError`] when the broker does not confirm in time.
     pub async fn publish_event(&self, event: &Event, headers: &Headers) -> Result<(), QueueError> {
-        let id = format!("{}/{}", event.job_id, event.name());
+        let id = event_message_id(event);
         let span = publish_span(
             self.system(),
             &self.events_destination(),

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 pub use amqp::AmqpConfig;
 pub use args::BrokerArgs;
-pub use broker::{Broker, Delivery, EventStream, TaskLabel, TaskStream};
+pub use broker::{Broker, Delivery, EventStream, TaskLabel, TaskStream, event_message_id};
 pub use memory::MemoryBroker;
 pub use topology::Topology;
 

@@ -128,10 +128,11 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(service: &str, exporter: E)
 }
 
 fn resource(service: &str) -> Resource {
-    let builder = Resource::builder().with_attribute(opentelemetry::KeyValue::new(
-        "service.version",
-        env!("CARGO_PKG_VERSION"),
-    ));
+    let builder = Resource::builder().with_attributes([
+        opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        // Tells replicas apart (two savers' gauges must not merge in a collector).
+        opentelemetry::KeyValue::new("service.instance.id", instance_id()),
+    ]);
     // The SDK's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; ours is only the
     // default name.
     if std::env::var_os("OTEL_SERVICE_NAME").is_some_and(|v| !v.is_empty()) {
@@ -139,6 +140,17 @@ fn resource(service: &str) -> Resource {
     } else {
         builder.with_service_name(service.to_owned()).build()
     }
+}
+
+/// `<host>-<pid>`: unique among running processes, readable in a trace view.
+fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Spans from our own crates, at `info` and above, are what gets exported; the log filter
@@ -163,6 +175,7 @@ fn install(service: &str, format: LogFormat, tracer: Option<&SdkTracerProvider>)
             .with_tracer(provider.tracer("luna"))
             .with_threads(false)
             .with_location(false)
+            .with_tracked_inactivity(false)
             .with_filter(span_filter())
     });
     let installed = tracing_subscriber::registry()

@@ -103,6 +103,7 @@ fn relay(state: &AppState, event: Event, headers: &Headers) {
         messaging.operation.name = "relay",
         messaging.destination.name = broker.events_destination(),
         messaging.rabbitmq.destination.routing_key = event.name(),
+        messaging.message.id = luna_queue::event_message_id(&event),
         luna.job_id = event.job_id.as_str(),
         luna.event = event.name(),
         luna.image.index = event.kind.image_index(),

@@ -440,8 +440,17 @@ async fn metrics_parse_and_count_exactly_what_was_saved() {
     rejected_job.min_quality_threshold = 0.5;
     rejected_job.keep_rejected = false;
     let rejected_id = submit_traced(&stack.gateway.url(), &rejected_job, &client).await;
+    // And one that fails for good: a file where its folder should be.
+    std::fs::write(output.path().join("blocked"), b"not a folder").expect("blocker");
+    let failing_job = SaveRequest {
+        save_path: "blocked/x".into(),
+        images: vec![test_image(16, 16, 3, ImageFormat::Png, "")],
+        ..Default::default()
+    };
+    let failing_id = submit_traced(&stack.gateway.url(), &failing_job, &client).await;
     let saved_view = wait_completed(&stack.status.url(), &saved_id).await;
     wait_completed(&stack.status.url(), &rejected_id).await;
+    wait_completed(&stack.status.url(), &failing_id).await;
 
     let after = (
         scrape(&stack.gateway).await,
@@ -455,11 +464,11 @@ async fn metrics_parse_and_count_exactly_what_was_saved() {
     let saver = |name: &str, labels: &[(&str, &str)]| moved(&before.1, &after.1, name, labels);
     let status = |name: &str, labels: &[(&str, &str)]| moved(&before.2, &after.2, name, labels);
 
-    assert_eq!(gateway("luna_jobs_accepted_total", &[]), 2.0);
-    assert_eq!(gateway("luna_tasks_published_total", &[]), 4.0);
+    assert_eq!(gateway("luna_jobs_accepted_total", &[]), 3.0);
+    assert_eq!(gateway("luna_tasks_published_total", &[]), 5.0);
     assert_eq!(
         gateway("luna_tasks_published_total", &[("format", "png")]),
-        2.0
+        3.0
     );
     assert_eq!(saver("luna_images_saved_total", &[]), 3.0);
     assert_eq!(saver("luna_images_saved_total", &[("format", "png")]), 2.0);
@@ -471,7 +480,29 @@ async fn metrics_parse_and_count_exactly_what_was_saved() {
         ),
         1.0
     );
-    assert_eq!(saver("luna_images_failed_total", &[]), 0.0);
+    assert_eq!(saver("luna_images_failed_total", &[]), 1.0);
+    assert_eq!(
+        saver(
+            "luna_images_failed_total",
+            &[("format", "png"), ("reason", "storage")]
+        ),
+        1.0
+    );
+    // Five attempts (the default --max-attempts): four retried, the fifth parks.
+    assert_eq!(saver("luna_save_retries_total", &[("format", "png")]), 4.0);
+    assert_eq!(
+        saver("luna_tasks_parked_total", &[("reason", "storage")]),
+        1.0
+    );
+    // A gauge the pool refreshes every --scale-interval.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(&scrape(&stack.saver).await, "luna_queue_parked", &[]) != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "luna_queue_parked never showed the parked task"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let bytes: u64 = saved_view["events"]
         .as_array()
         .map(|events| {
@@ -491,17 +522,12 @@ async fn metrics_parse_and_count_exactly_what_was_saved() {
         bytes as f64,
         "bytes written match the saved files"
     );
-    assert_eq!(
-        histogram_count(&after.1, "luna_encode_duration_seconds")
-            - histogram_count(&before.1, "luna_encode_duration_seconds"),
-        3,
-        "a rejected image is not encoded"
-    );
-    assert_eq!(
-        histogram_count(&after.1, "luna_write_duration_seconds")
-            - histogram_count(&before.1, "luna_write_duration_seconds"),
-        3
-    );
+    // Three saved, and five attempts of the failing image (each encodes, then fails to write);
+    // the rejected image is never encoded.
+    let histogram_moved =
+        |name: &str| histogram_count(&after.1, name) - histogram_count(&before.1, name);
+    assert_eq!(histogram_moved("luna_encode_duration_seconds"), 8);
+    assert_eq!(histogram_moved("luna_write_duration_seconds"), 8);
     assert_eq!(
         counter(&after.1, "luna_save_slots_configured", &[("bound", "min")]),
         2.0
@@ -518,6 +544,56 @@ async fn metrics_parse_and_count_exactly_what_was_saved() {
         status("luna_events_relayed_total", &[("type", "image_rejected")]),
         1.0
     );
-    assert!(counter(&after.2, "luna_status_jobs_tracked", &[]) >= 2.0);
+    assert!(counter(&after.2, "luna_status_jobs_tracked", &[]) >= 3.0);
+
+    // Every metric the provisioned Grafana dashboard queries is one the services expose.
+    let exposed: BTreeSet<&str> = [&after.0, &after.1, &after.2]
+        .iter()
+        .flat_map(|s| s.samples.iter().map(|x| x.metric.as_str()))
+        .collect();
+    for name in dashboard_metrics() {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|base| exposed.contains(base))
+            .unwrap_or(&name);
+        assert!(
+            exposed.contains(family),
+            "the dashboard queries {name}, which no service exposes"
+        );
+    }
     stack.stop().await;
+}
+
+/// The `luna_*` metric names in the expressions of `ops/grafana/dashboards/luna-saver.json`.
+fn dashboard_metrics() -> BTreeSet<String> {
+    fn exprs(v: &Json, out: &mut Vec<String>) {
+        match v {
+            Json::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr", Json::String(e)) => out.push(e.clone()),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            Json::Array(items) => items.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../ops/grafana/dashboards/luna-saver.json");
+    let dashboard: Json =
+        serde_json::from_slice(&std::fs::read(&path).expect("dashboard")).expect("dashboard JSON");
+    let mut all = Vec::new();
+    exprs(&dashboard, &mut all);
+    assert!(!all.is_empty(), "no expressions in {}", path.display());
+    all.iter()
+        .flat_map(|e| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .filter(|t| t.starts_with("luna_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
