@@ -8,23 +8,10 @@ use std::fs::File;
 use std::net::TcpListener as StdTcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValueKind;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
@@ -35,69 +22,13 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use serde_json::{Value, json};
 
+#[path = "support/otlp_receiver.rs"]
+mod otlp_receiver;
+use otlp_receiver::start_receiver;
+
 /// The client's trace: `luna up` must continue it, not start its own.
 const TRACE_ID: &str = "4c756e612d6f746c702d746573742d31";
 const CLIENT_SPAN_ID: &str = "00f067aa0ba902b7";
-
-/// Everything the receiver was sent, request by request, in arrival order.
-#[derive(Debug, Default)]
-struct Sink {
-    traces: Mutex<Vec<ExportTraceServiceRequest>>,
-    metrics: Mutex<Vec<ExportMetricsServiceRequest>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Sink {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.traces
-            .lock()
-            .expect("trace sink lock")
-            .push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-#[tonic::async_trait]
-impl MetricsService for Sink {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        self.metrics
-            .lock()
-            .expect("metrics sink lock")
-            .push(request.into_inner());
-        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
-    }
-}
-
-/// Starts the receiver on an ephemeral port; returns the sink, the port and its stop switch.
-async fn start_receiver() -> (Arc<Sink>, u16, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the OTLP receiver");
-    let port = listener.local_addr().expect("receiver address").port();
-    let sink = Arc::new(Sink::default());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::from_arc(Arc::clone(&sink)))
-        .add_service(MetricsServiceServer::from_arc(Arc::clone(&sink)))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            async {
-                let _ = stopped.await;
-            },
-        );
-    tokio::spawn(async move {
-        if let Err(e) = server.await {
-            eprintln!("OTLP receiver stopped: {e}");
-        }
-    });
-    (sink, port, stop)
-}
 
 fn free_port() -> u16 {
     StdTcpListener::bind("127.0.0.1:0")
