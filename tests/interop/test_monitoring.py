@@ -1,4 +1,4 @@
-"""The monitoring kit (docker-compose.yml and ops/), checked without running anything.
+"""The monitoring kit (docker-compose.yml and ops/), and the metrics a live `luna up` serves.
 
 The Grafana dashboard may only query metrics the services serve: every metric name in a panel
 expression must be one of the Prometheus names below (the exposition of `GET /metrics` on the
@@ -6,12 +6,22 @@ gateway, status and saver), so renaming a metric in the code without the dashboa
 other way round, fails here. The compose file, Prometheus, collector and Grafana provisioning
 files must parse, everything the compose file mounts from ./ops must exist, Prometheus must
 scrape all three Luna ports, and the collector must take OTLP in for traces and metrics.
+Last, a `luna up` of its own saves one job and the reference Prometheus parser reads its
+`/metrics`: valid text, the types and labels above, and counters that moved by exactly the job.
 """
 
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import msgpack
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -351,3 +361,106 @@ def test_grafana_provisioning():
     dashboards_mount = [v for v in grafana_mounts if v.startswith("./ops/grafana/dashboards:")]
     assert len(dashboards_mount) == 1
     assert dashboards_mount[0].split(":")[1] in paths
+
+
+# --- a live `luna up`, read by the official Prometheus parser ------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url, body=None, content_type=None):
+    request = urllib.request.Request(url, data=body, method="POST" if body else "GET")
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, response.headers.get("Content-Type", ""), response.read()
+
+
+@pytest.fixture
+def luna_up(tmp_path):
+    """A `luna up` of its own, so its counters start at zero and count only this test."""
+    build = subprocess.run(["nice", "cargo", "build", "-q", "--bin", "luna"], cwd=ROOT,
+                           capture_output=True, text=True, check=False)
+    assert build.returncode == 0, f"cargo build failed:\n{build.stderr[-4000:]}"
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    binary = (target if target.is_absolute() else ROOT / target) / "debug" / "luna"
+    gateway, status = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LUNA_", "OTEL_"))}
+    log = (tmp_path / "luna-up.log").open("wb")
+    proc = subprocess.Popen(
+        [str(binary), "up", "--gateway-listen", f"127.0.0.1:{gateway}",
+         "--status-listen", f"127.0.0.1:{status}", "--output-root", str(tmp_path / "out")],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    urls = (f"http://127.0.0.1:{gateway}", f"http://127.0.0.1:{status}")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "luna-up.log").read_text()
+            try:
+                if all(http(f"{u}/readyz")[0] == 200 for u in urls):
+                    break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert time.monotonic() < deadline, "luna up never became ready"
+            time.sleep(0.1)
+        yield urls
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def scrape(url):
+    status, content_type, body = http(f"{url}/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain; version=0.0.4"), content_type
+    # The reference parser; it raises on anything that is not valid exposition text.
+    return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+
+def test_live_metrics_parse_and_count_exactly_the_images_saved(luna_up):
+    gateway, status = luna_up
+    images = [{"pixels": bytes((x * 7 + i * 31) % 256 for x in range(24 * 24 * 3)),
+               "width": 24, "height": 24, "format": fmt}
+              for i, fmt in enumerate(["png", "png", "webp"])]
+    body = msgpack.packb({"save_path": "metrics", "images": images})
+    code, _, answer = http(f"{gateway}/v1/jobs", body, "application/msgpack")
+    assert code == 202
+    job_id = json.loads(answer)["job_id"]
+    deadline = time.monotonic() + 30
+    while json.loads(http(f"{status}/v1/jobs/{job_id}")[2])["state"] != "completed":
+        assert time.monotonic() < deadline, "the job never completed"
+        time.sleep(0.05)
+
+    families = scrape(gateway)
+    for name, (kind, labels) in METRICS.items():
+        if name in families:
+            assert families[name].type == kind, name
+            for sample in families[name].samples:
+                assert set(sample.labels) - {"le"} <= labels, (name, sample.labels)
+
+    def total(name, **labels):
+        # prometheus_client names counter families without the _total suffix.
+        family = families[name.removesuffix("_total")]
+        return sum(s.value for s in family.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert total("luna_images_saved_total") == 3
+    assert total("luna_images_saved_total", format="png") == 2
+    assert total("luna_images_saved_total", format="webp") == 1
+    assert total("luna_tasks_published_total") == 3
+    assert total("luna_jobs_accepted_total") == 1
+    assert total("luna_events_relayed_total", type="image_saved") == 3
+    encode = families["luna_encode_duration_seconds"]
+    assert sum(s.value for s in encode.samples if s.name.endswith("_count")) == 3
+    # luna up serves one process-wide set of metrics on every port.
+    assert total("luna_images_saved_total") == sum(
+        s.value for s in scrape(status)["luna_images_saved"].samples
+        if s.name == "luna_images_saved_total")
