@@ -15,8 +15,6 @@ pub mod metrics;
 pub mod otlp;
 pub mod propagation;
 
-use std::sync::OnceLock;
-
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
@@ -86,9 +84,6 @@ impl Telemetry {
     }
 }
 
-/// Set once the global subscriber is ours.
-static INSTALLED: OnceLock<()> = OnceLock::new();
-
 /// Installs logging for `service` and, when `OTEL_EXPORTER_OTLP_ENDPOINT` (or a per-signal
 /// endpoint) is set, OTLP export of spans and metrics. `OTEL_SERVICE_NAME` overrides `service`;
 /// `OTEL_RESOURCE_ATTRIBUTES` adds resource attributes. Call it once, early, inside the Tokio
@@ -107,8 +102,17 @@ pub fn init(service: &str, format: LogFormat) -> Result<Telemetry, TelemetryErro
             .with_batch_exporter(exporter)
             .build()
     });
+    let exporting_metrics = exporters.metrics.is_some();
     let metrics = Registry::install(resource, exporters.metrics);
     install(service, format, tracer.as_ref());
+    if tracer.is_some() || exporting_metrics {
+        tracing::info!(
+            traces = tracer.is_some(),
+            metrics = exporting_metrics,
+            endpoint = %otlp::describe_endpoint(),
+            "exporting over OTLP"
+        );
+    }
     Ok(Telemetry { tracer, metrics })
 }
 
@@ -184,7 +188,6 @@ fn install(service: &str, format: LogFormat, tracer: Option<&SdkTracerProvider>)
         .try_init()
         .is_ok();
     if installed {
-        let _ = INSTALLED.set(());
         if let Some(provider) = tracer {
             opentelemetry::global::set_tracer_provider(provider.clone());
         }

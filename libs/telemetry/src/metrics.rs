@@ -16,7 +16,7 @@ use opentelemetry::metrics::{Histogram, Meter, MeterProvider as _};
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_otlp::MetricExporter;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, Metric, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{
@@ -106,12 +106,10 @@ impl Registry {
 
     /// Pushes the last OTLP export and stops the readers.
     pub fn shutdown(&self) {
-        if let Err(e) = self.inner.provider.shutdown() {
-            // Shutting down twice is harmless; say so only for real failures.
-            let text = e.to_string();
-            if !text.contains("already") {
-                eprintln!("telemetry: flushing metrics failed: {text}");
-            }
+        match self.inner.provider.shutdown() {
+            // Shutting down twice is harmless.
+            Ok(()) | Err(OTelSdkError::AlreadyShutdown) => {}
+            Err(e) => eprintln!("telemetry: flushing metrics failed: {e}"),
         }
     }
 }

@@ -50,6 +50,17 @@ impl Exporters {
     }
 }
 
+/// Where exports go and how, for the start-up log line (never the headers: they hold keys).
+pub fn describe_endpoint() -> String {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let endpoint = var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .or_else(|| var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        .or_else(|| var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+        .unwrap_or_default();
+    let protocol = var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|| "http/protobuf".into());
+    format!("{endpoint} ({protocol})")
+}
+
 /// Which signals are exported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Plan {
