@@ -130,6 +130,8 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
         ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    // One trace for the whole submission: every job's spans join it.
+    let trace = Trace::new();
     let mut jobs = Vec::new();
     for chunk in files.chunks(IMAGES_PER_JOB) {
         let mut images = Vec::with_capacity(chunk.len());
@@ -138,7 +140,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
             upload.inc(std::fs::metadata(path).map_or(0, |m| m.len()));
         }
         let n = images.len();
-        let job = post(&client, args, request(args, images)).await?;
+        let job = post(&client, args, request(args, images), &trace).await?;
         upload.set_message(format!("job {job}"));
         jobs.push((job, n));
     }
@@ -150,6 +152,10 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
     for (job, n) in &jobs {
         println!("[Luna Daemon Image Saver] Submitted {n} images to daemon. Job ID: {job}");
     }
+    println!(
+        "Trace ID: {} (when the daemon exports traces)",
+        trace.trace_id
+    );
     if args.wait {
         let progress = ProgressBar::new(files.len() as u64).with_style(
             ProgressStyle::with_template("saving    {bar:30} {pos}/{len} {msg}")
@@ -249,15 +255,36 @@ fn request(args: &SubmitArgs, images: Vec<ImageInput>) -> SaveRequest {
     }
 }
 
+/// The W3C trace context `luna submit` sends, so the daemon's spans join one trace per run.
+struct Trace {
+    trace_id: String,
+}
+
+impl Trace {
+    fn new() -> Self {
+        Self {
+            trace_id: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+
+    /// A `traceparent` for one request: this trace, a fresh parent span id, sampled.
+    fn traceparent(&self) -> String {
+        let span = uuid::Uuid::new_v4().simple().to_string();
+        format!("00-{}-{}-01", self.trace_id, &span[..16])
+    }
+}
+
 async fn post(
     client: &reqwest::Client,
     args: &SubmitArgs,
     req: SaveRequest,
+    trace: &Trace,
 ) -> anyhow::Result<String> {
     let body = to_msgpack(&req).context("encoding the request")?;
     let mut call = client
         .post(format!("{}/v1/jobs", args.gateway.trim_end_matches('/')))
         .header("content-type", "application/msgpack")
+        .header("traceparent", trace.traceparent())
         .body(body);
     if let Some(token) = &args.token {
         call = call.bearer_auth(token);

@@ -123,6 +123,15 @@ fn submit_waits_for_the_saves_and_reports_failures_in_its_exit_code() {
         ok_text.contains("saved 2, rejected 0, failed 0 of 2 images"),
         "{ok_text}"
     );
+    let trace_id = ok_text
+        .lines()
+        .find_map(|l| l.strip_prefix("Trace ID: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default();
+    assert!(
+        trace_id.len() == 32 && trace_id.chars().all(|c| c.is_ascii_hexdigit()),
+        "luna submit names the trace it sent: {ok_text}"
+    );
     let saved = std::fs::read_dir(output.join("cli/X"))
         .expect("folder")
         .count();
