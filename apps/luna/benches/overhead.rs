@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use luna_job::codec::to_msgpack;
 use luna_job::{ImageFormat, ImageInput, SaveRequest};
 
-const ROUNDS: usize = 2;
+const ROUNDS: usize = 3;
 const THROUGHPUT_JOBS: usize = 12;
 const IMAGES_PER_JOB: usize = 4;
 const LATENCY_POSTS: usize = 100;
