@@ -116,6 +116,8 @@ pub struct Env {
     pub url: String,
     pub broker: Broker,
     pub output: tempfile::TempDir,
+    /// Set by [`Env::cleanup`]; otherwise dropping the env (a failed test) deletes the topology.
+    cleaned: bool,
 }
 
 impl Env {
@@ -130,15 +132,17 @@ impl Env {
             url,
             broker,
             output: tempfile::tempdir().expect("tempdir"),
+            cleaned: false,
         }
     }
 
     /// Deletes the test's exchanges and queues.
-    pub async fn cleanup(self) {
+    pub async fn cleanup(mut self) {
         self.broker
             .delete_topology()
             .await
             .expect("delete topology");
+        self.cleaned = true;
     }
 
     pub fn gateway_config(&self) -> luna_gateway::Config {
@@ -190,6 +194,37 @@ impl Env {
             }
         });
         EventLog { events }
+    }
+}
+
+/// A test that failed (panicked) before [`Env::cleanup`] still removes its `t<uuid>.*`
+/// exchanges and queues: on a thread of its own, with a fresh connection, since the test's
+/// runtime may be unwinding.
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(broker) = Broker::new(AmqpConfig::new(&url, &prefix)) {
+                    let deleted =
+                        tokio::time::timeout(Duration::from_secs(10), broker.delete_topology())
+                            .await;
+                    if !matches!(deleted, Ok(Ok(()))) {
+                        eprintln!("could not delete the topology {prefix}.*: {deleted:?}");
+                    }
+                }
+            });
+        });
+        let _ = cleanup.join();
     }
 }
 
