@@ -11,6 +11,7 @@
 //! Libraries only create `tracing` spans and OpenTelemetry instruments; whether and where they
 //! are exported is decided here, once per process.
 
+mod logs;
 pub mod metrics;
 pub mod otlp;
 pub mod propagation;
@@ -167,7 +168,9 @@ fn span_filter() -> Targets {
 fn install(service: &str, format: LogFormat, tracer: Option<&SdkTracerProvider>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = match format {
-        LogFormat::Human => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .fmt_fields(logs::HumanFields)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
