@@ -145,7 +145,20 @@ async fn rejected_images_are_kept_under_discarded_or_not_written() {
 }
 
 /// Reads the parked queue's messages and their park reasons.
-async fn parked_reasons(env: &Env) -> Vec<String> {
+/// The reasons of the first `n` parked messages. A saver parks a task just after publishing its
+/// final `image_failed`, so a test that saw the event waits for the parked copy too.
+async fn parked_reasons(env: &Env, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut reasons = take_parked_reasons(env).await;
+    while reasons.len() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reasons.extend(take_parked_reasons(env).await);
+    }
+    reasons
+}
+
+/// Takes (and acknowledges) every message in the parked queue; returns their reasons.
+async fn take_parked_reasons(env: &Env) -> Vec<String> {
     use lapin::options::{BasicAckOptions, BasicGetOptions};
     let conn = lapin::Connection::connect(&env.url, lapin::ConnectionProperties::default())
         .await
@@ -239,7 +252,7 @@ async fn malformed_tasks_are_parked_with_a_reason_and_the_saver_keeps_serving() 
         matches!(&failed.kind, EventKind::ImageFailed { is_final: true, error, .. } if error.contains("schema_version is 99"))
     );
 
-    let reasons = parked_reasons(&env).await;
+    let reasons = parked_reasons(&env, 2).await;
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(
         reasons.iter().any(|r| r.starts_with("undecodable task")),
@@ -571,8 +584,8 @@ async fn a_failing_write_is_retried_with_backoff_then_parked() {
     );
     assert!(failures[2].2.contains("create folder"), "{failures:?}");
     assert_eq!(count(&events, "image_saved", None), 0);
-    let reasons = parked_reasons(&env).await;
-    assert_eq!(reasons.len(), 1);
+    let reasons = parked_reasons(&env, 1).await;
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(reasons[0].contains("create folder"), "{reasons:?}");
     saver.stop().await;
     gateway.stop().await;
