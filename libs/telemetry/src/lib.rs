@@ -55,25 +55,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// The process-wide metrics registry (also [`Registry::shared`]).
-    pub fn metrics(&self) -> &Registry {
-        &self.metrics
-    }
-
-    /// True when spans are recorded and exported.
-    pub fn is_tracing(&self) -> bool {
-        self.tracer.is_some()
-    }
-
-    /// Exports every finished span now (tests read the exporter right after).
-    pub fn flush(&self) {
-        if let Some(tracer) = &self.tracer
-            && let Err(e) = tracer.force_flush()
-        {
-            tracing::warn!(error = %e, "flushing spans failed");
-        }
-    }
-
     /// Flushes spans and metrics and stops the exporters. Call it as the process ends.
     pub fn shutdown(self) {
         if let Some(tracer) = &self.tracer

@@ -75,13 +75,6 @@ pub fn trace_headers<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Headers {
         .collect()
 }
 
-/// The id of `span`'s trace as 32 hex digits, when it is recorded (for logs and tests).
-pub fn trace_id(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
