@@ -214,16 +214,6 @@ impl AmqpBroker {
         result
     }
 
-    /// Publishes a task (persistent, MessagePack) and waits for its confirm.
-    ///
-    /// # Errors
-    /// [`QueueError`] when the broker does not confirm within the timeout.
-    pub async fn publish_task(&self, task: &SaveTask, headers: &Headers) -> Result<(), QueueError> {
-        let body = to_msgpack(task)?;
-        let id = format!("{}/{}", task.job_id, task.image_index);
-        self.publish_task_bytes(&body, &id, headers).await
-    }
-
     /// Publishes an already encoded task.
     ///
     /// # Errors

@@ -83,16 +83,6 @@ impl MemoryBroker {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues a task.
-    ///
-    /// # Errors
-    /// [`QueueError::Encode`] if the task cannot be encoded.
-    pub fn publish_task(&self, task: &SaveTask, headers: &Headers) -> Result<(), QueueError> {
-        let id = format!("{}/{}", task.job_id, task.image_index);
-        self.publish_task_bytes(&to_msgpack(task)?, &id, headers);
-        Ok(())
-    }
-
     /// Queues an encoded task.
     pub fn publish_task_bytes(&self, body: &[u8], message_id: &str, headers: &Headers) {
         let message = Message {

@@ -104,6 +104,12 @@ impl Registry {
         render(&rm)
     }
 
+    /// The `GET /metrics` answer: the `Content-Type` header and [`Registry::render`]'s text
+    /// (a tuple every HTTP framework's handlers can return, axum's included).
+    pub fn exposition(&self) -> ([(&'static str, &'static str); 1], String) {
+        ([("content-type", CONTENT_TYPE)], self.render())
+    }
+
     /// Pushes the last OTLP export and stops the readers.
     pub fn shutdown(&self) {
         match self.inner.provider.shutdown() {

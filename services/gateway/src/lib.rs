@@ -86,13 +86,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl axum::response::IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            luna_telemetry::metrics::CONTENT_TYPE,
-        )],
-        state.registry.render(),
-    )
+    state.registry.exposition()
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {

@@ -17,13 +17,7 @@ pub fn router(ctx: Context) -> Router {
 }
 
 async fn metrics(State(ctx): State<Context>) -> impl axum::response::IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            luna_telemetry::metrics::CONTENT_TYPE,
-        )],
-        ctx.registry.render(),
-    )
+    ctx.registry.exposition()
 }
 
 /// Ready while at least one slot consumes tasks: that needs the broker and the task queue.

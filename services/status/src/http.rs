@@ -220,14 +220,7 @@ struct WsParams {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            luna_telemetry::metrics::CONTENT_TYPE,
-        )],
-        state.inner.registry.render(),
-    )
-        .into_response()
+    state.inner.registry.exposition().into_response()
 }
 
 async fn websocket(
