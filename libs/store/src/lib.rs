@@ -45,6 +45,11 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} {reason}")]
+    Unsafe {
+        path: std::path::PathBuf,
+        reason: &'static str,
+    },
     #[error("another saver is writing this image right now")]
     Busy,
     #[error("{candidates} names starting with {stem:?} are taken")]
@@ -52,10 +57,24 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// True when trying again later may succeed (everything here: disks fill and empty,
-    /// permissions get fixed, and a busy image is finished by its other writer).
+    /// True when trying again later may succeed: disks fill and empty, permissions get fixed,
+    /// a read-only mount comes back, and a busy image is finished by its other writer. A
+    /// symlink or a name the file system cannot hold stays as it is.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, Self::NamesExhausted { .. })
+        match self {
+            Self::Io { source, .. } => !matches!(
+                source
+                    .raw_os_error()
+                    .map(rustix::io::Errno::from_raw_os_error),
+                Some(
+                    rustix::io::Errno::NAMETOOLONG
+                        | rustix::io::Errno::LOOP
+                        | rustix::io::Errno::NOTDIR
+                )
+            ),
+            Self::Busy => true,
+            Self::Unsafe { .. } | Self::NamesExhausted { .. } => false,
+        }
     }
 }
 

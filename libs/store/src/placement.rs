@@ -15,6 +15,16 @@ pub const DISCARDED_DIR: &str = "_discarded";
 /// and extension need room.
 pub const MAX_STEM_LEN: usize = 200;
 
+/// Longest folder name accepted, in bytes (`NAME_MAX` of Linux file systems).
+pub const MAX_COMPONENT_LEN: usize = 255;
+
+/// Longest relative path accepted, in bytes (`PATH_MAX`), counted with the longest collision
+/// suffix and the `_discarded/` folder, so every name a task may end up with fits.
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// Room kept in [`MAX_PATH_LEN`] for `/_discarded` and a `_99999` suffix.
+const PATH_RESERVE: usize = 1 + DISCARDED_DIR.len() + 6;
+
 /// Where one image goes, relative to the output root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
@@ -39,6 +49,10 @@ pub enum PlacementError {
     Affix(String),
     #[error("the file name {0:?} is longer than {MAX_STEM_LEN} bytes")]
     TooLong(String),
+    #[error("the folder name {0:?} is longer than {MAX_COMPONENT_LEN} bytes")]
+    ComponentTooLong(String),
+    #[error("the path {0:?} is longer than {MAX_PATH_LEN} bytes")]
+    PathTooLong(String),
 }
 
 impl PlacementError {
@@ -56,9 +70,30 @@ impl PlacementError {
                 "filename".to_owned(),
                 format!("renders to {name:?}, longer than {MAX_STEM_LEN} bytes"),
             ),
+            Self::ComponentTooLong(name) => (
+                "save_path".to_owned(),
+                format!(
+                    "renders a folder name of {} bytes ({}...); at most {MAX_COMPONENT_LEN} fit a file system",
+                    name.len(),
+                    truncated(name)
+                ),
+            ),
+            Self::PathTooLong(path) => (
+                "save_path".to_owned(),
+                format!(
+                    "renders a path of {} bytes ({}...); at most {MAX_PATH_LEN} are accepted",
+                    path.len(),
+                    truncated(path)
+                ),
+            ),
         };
         Problem::new(field, message)
     }
+}
+
+/// The first 40 characters of `s`, for messages about over-long names.
+fn truncated(s: &str) -> String {
+    s.chars().take(40).collect()
 }
 
 impl Placement {
@@ -97,11 +132,19 @@ impl Placement {
         if stem.len() > MAX_STEM_LEN {
             return Err(PlacementError::TooLong(stem));
         }
-        Ok(Self {
+        if let Some(long) = dirs.iter().find(|d| d.len() > MAX_COMPONENT_LEN) {
+            return Err(PlacementError::ComponentTooLong(long.clone()));
+        }
+        let placement = Self {
             dirs,
             stem,
             ext: task.image.format.extension(),
-        })
+        };
+        let path = placement.relative_path(0);
+        if path.len() + PATH_RESERVE > MAX_PATH_LEN {
+            return Err(PlacementError::PathTooLong(path));
+        }
+        Ok(placement)
     }
 
     /// The same name in the `_discarded/` folder beside this one.

@@ -303,7 +303,7 @@ fn a_task_being_written_elsewhere_is_busy() {
     let store = LocalStore::new(tmp.path());
     let dir = tmp.path().join("a/b");
     fs::create_dir_all(&dir).expect("mkdir");
-    let other = fs::File::create(dir.join(".luna-job-a-0.tmp")).expect("create");
+    let other = fs::File::create(dir.join(".luna-job-a-0.lock")).expect("create");
     rustix::fs::flock(&other, rustix::fs::FlockOperation::LockExclusive).expect("lock");
     let err = store
         .put(&key("job-a", 0), &placement("img"), &encoded(b"x"))
@@ -446,4 +446,141 @@ fn bad_tasks_are_permanent_failures() {
             .is_transient()
     );
     assert!(listing(tmp.path()).is_empty());
+}
+
+/// Every entry under `dir` (recursively), symlinks included and never followed.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            let meta = fs::symlink_metadata(&p).expect("lstat");
+            if meta.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(
+                p.strip_prefix(dir)
+                    .expect("inside")
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_symlinked_folder_inside_the_root_is_never_followed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+    fs::create_dir_all(root.join("a")).expect("mkdir");
+    fs::create_dir_all(&outside).expect("mkdir");
+    std::os::unix::fs::symlink(&outside, root.join("a/b")).expect("symlink");
+    for store in [
+        LocalStore::new(&root),
+        LocalStore::new(&root).use_xattrs(false),
+    ] {
+        let err = store
+            .put(&key("job-a", 0), &placement("img"), &encoded(b"png"))
+            .expect_err("a symlinked folder is refused");
+        assert!(
+            matches!(err, StoreError::Unsafe { .. }) && !err.is_transient(),
+            "{err:?}"
+        );
+    }
+    assert!(entries(&outside).is_empty(), "{:?}", entries(&outside));
+}
+
+#[test]
+fn symlinks_planted_at_work_file_names_are_never_followed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+    let dir = root.join("a/b");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::create_dir_all(&outside).expect("mkdir");
+    let victim = outside.join("victim");
+    fs::write(&victim, b"precious").expect("write");
+    // Every name the store uses for its own work files, old and new.
+    for name in [
+        ".luna-job-a-0.tmp",
+        ".luna-job-a-0.tmp",
+        ".luna-job-a-0.json.tmp",
+    ] {
+        std::os::unix::fs::symlink(&victim, dir.join(name)).expect("symlink");
+    }
+    let store = LocalStore::new(&root);
+    let result = store.put(&key("job-a", 0), &placement("img"), &encoded(b"png bytes"));
+    assert_eq!(fs::read(&victim).expect("read"), b"precious");
+    if let Ok(stored) = result {
+        let meta = fs::symlink_metadata(root.join(&stored.path)).expect("lstat");
+        assert!(
+            meta.file_type().is_file(),
+            "published a {:?}",
+            meta.file_type()
+        );
+        assert_eq!(
+            fs::read(root.join(&stored.path)).expect("read"),
+            b"png bytes"
+        );
+    }
+    assert_eq!(entries(&outside), ["victim"]);
+}
+
+#[test]
+fn a_symlink_at_a_final_name_is_a_taken_name_never_a_target() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+    let dir = root.join("a/b");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::create_dir_all(&outside).expect("mkdir");
+    std::os::unix::fs::symlink(outside.join("new"), dir.join("img.png")).expect("symlink");
+    let stored = LocalStore::new(&root)
+        .put(&key("job-a", 0), &placement("img"), &encoded(b"png"))
+        .expect("put");
+    assert_eq!(stored.path, "a/b/img_1.png");
+    assert!(entries(&outside).is_empty());
+}
+
+#[test]
+fn names_the_file_system_cannot_hold_are_rejected_at_placement() {
+    let long = "x".repeat(256);
+    let req = |save_path: &str, filename: &str| SaveRequest {
+        save_path: save_path.into(),
+        filename: filename.into(),
+        images: vec![image("", ImageFormat::Png, true)],
+        ..Default::default()
+    };
+    assert!(matches!(
+        path_of(req(&long, "ok")),
+        Err(PlacementError::ComponentTooLong(_))
+    ));
+    assert!(matches!(
+        path_of(req(&format!("a/{long}/b"), "ok")),
+        Err(PlacementError::ComponentTooLong(_))
+    ));
+    // A `%time:` format repeated into a long name, as the reproduction did.
+    let stamp = "%time:YYYY-mm-dd_HH.MM.SS%".repeat(20);
+    assert!(path_of(req(&stamp, "ok")).is_err());
+    let deep = vec!["d".repeat(200); 21].join("/");
+    assert!(matches!(
+        path_of(req(&deep, "ok")),
+        Err(PlacementError::PathTooLong(_))
+    ));
+    assert!(path_of(req(&"d".repeat(255), "ok")).is_ok());
+}
+
+#[test]
+fn a_name_too_long_for_the_disk_is_a_permanent_failure() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let placement = Placement {
+        dirs: vec!["y".repeat(300)],
+        stem: "img".into(),
+        ext: "png",
+    };
+    let err = LocalStore::new(tmp.path())
+        .put(&key("job-a", 0), &placement, &encoded(b"png"))
+        .expect_err("too long");
+    assert!(!err.is_transient(), "{err:?}");
 }
