@@ -16,6 +16,19 @@ pub const MAX_JOB_ID_LEN: usize = 64;
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct JobId(String);
 
+/// Longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The UUIDv5 namespace of job ids derived from idempotency keys (a fixed random UUID).
+const IDEMPOTENCY_NAMESPACE: uuid::Uuid = uuid::uuid!("6f1d2c8e-3b7a-4c55-9a0e-2d4b8f1e7c31");
+
+/// A string that cannot be an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters (a UUID is a good key)"
+)]
+pub struct InvalidIdempotencyKey;
+
 /// A string that cannot be a job id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("job id must be 1 to {MAX_JOB_ID_LEN} characters of A-Z, a-z, 0-9, '-' or '_'")]
@@ -25,6 +38,25 @@ impl JobId {
     /// A fresh UUIDv7 id.
     pub fn new() -> Self {
         Self(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// The id of the job submitted with `Idempotency-Key: key`: the same on every gateway
+    /// and across restarts, so a retry with the key names the same job. A UUIDv5 in Luna
+    /// Saver's own namespace, so it never equals a minted UUIDv7.
+    ///
+    /// # Errors
+    /// [`InvalidIdempotencyKey`] unless `key` is 1 to [`MAX_IDEMPOTENCY_KEY_LEN`] visible
+    /// ASCII characters.
+    pub fn for_idempotency_key(key: &str) -> Result<Self, InvalidIdempotencyKey> {
+        let valid = !key.is_empty()
+            && key.len() <= MAX_IDEMPOTENCY_KEY_LEN
+            && key.bytes().all(|b| b.is_ascii_graphic());
+        if !valid {
+            return Err(InvalidIdempotencyKey);
+        }
+        Ok(Self(
+            uuid::Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, key.as_bytes()).to_string(),
+        ))
     }
 
     /// Accepts an id from a producer.
@@ -105,6 +137,14 @@ mod tests {
     #[test]
     fn parse_rejects_unsafe_ids() {
         assert!(JobId::parse("job-1_A").is_ok());
+        let key = "0b6f9a52-5f0e-4a8e-9a51-2f1c3d4e5f60";
+        let a = JobId::for_idempotency_key(key).expect("key");
+        assert_eq!(a, JobId::for_idempotency_key(key).expect("key"));
+        assert_ne!(a, JobId::for_idempotency_key("another").expect("key"));
+        assert!(JobId::parse(a.as_str()).is_ok());
+        for bad in ["", "has space", "tab\t", "é", &"k".repeat(256)] {
+            assert!(JobId::for_idempotency_key(bad).is_err(), "{bad:?}");
+        }
         for bad in ["", "../x", "a b", "a/b", &"x".repeat(65)] {
             assert!(JobId::parse(bad).is_err(), "{bad:?} must be rejected");
         }

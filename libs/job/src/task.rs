@@ -24,6 +24,11 @@ pub struct SaveTask {
     pub submitted_at: DateTime<FixedOffset>,
     pub options: SaveOptions,
     pub image: ImageInput,
+    /// True when the job came with an `Idempotency-Key`, so a retry may bring the same job id
+    /// with a later `submitted_at`: savers then render names from the job's first submission
+    /// time, which the store records when it first sees the job. Absent means false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idempotent: bool,
 }
 
 /// Identifies a task across redeliveries: the same job and image always mean the same file.
@@ -73,6 +78,7 @@ impl SaveRequest {
                 submitted_at,
                 options: options.clone(),
                 image,
+                idempotent: false,
             })
             .collect()
     }

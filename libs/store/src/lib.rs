@@ -12,6 +12,7 @@
 //! task's key, its placement and the encoded bytes, and answers with the path it used.
 
 pub mod blob;
+pub mod ledger;
 pub mod local;
 pub mod placement;
 pub mod save;
@@ -20,6 +21,7 @@ use luna_imaging::Encoded;
 use luna_job::task::TaskKey;
 
 pub use blob::{BlobError, BlobStore};
+pub use ledger::LEDGER_RETENTION;
 pub use local::LocalStore;
 pub use placement::{Placement, PlacementError};
 pub use save::{Outcome, SaveError, Timings, save_task, save_task_timed};
@@ -80,6 +82,19 @@ impl StoreError {
 
 /// Where encoded images go.
 pub trait Store: Send + Sync {
+    /// The submission time of `job` as first recorded: `proposed` when this is the first time
+    /// the store hears of the job (it is then recorded durably), the recorded time otherwise.
+    /// Idempotent resubmissions render names from it, so a retry finds the files of the first
+    /// attempt. Records older than [`LEDGER_RETENTION`] may be swept.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the record cannot be read or written.
+    fn first_submission(
+        &self,
+        job: &luna_job::JobId,
+        proposed: chrono::DateTime<chrono::FixedOffset>,
+    ) -> Result<chrono::DateTime<chrono::FixedOffset>, StoreError>;
+
     /// Stores `file` under `placement` for the task `key`, never replacing another file.
     /// Storing the same key twice answers with the first file and writes nothing.
     ///

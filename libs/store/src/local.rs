@@ -168,6 +168,11 @@ impl Dir {
         }
     }
 
+    /// Removes the entry `name` of this folder (never what a symlink points to).
+    pub(crate) fn remove(&self, name: &std::ffi::OsStr) -> Result<(), Errno> {
+        rustix::fs::unlinkat(&self.fd, name, AtFlags::empty())
+    }
+
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
@@ -440,6 +445,14 @@ impl Identity<'_> {
 }
 
 impl Store for LocalStore {
+    fn first_submission(
+        &self,
+        job: &luna_job::JobId,
+        proposed: chrono::DateTime<chrono::FixedOffset>,
+    ) -> Result<chrono::DateTime<chrono::FixedOffset>, StoreError> {
+        self.ledger_first_submission(job, proposed)
+    }
+
     fn put(
         &self,
         key: &TaskKey,

@@ -103,11 +103,23 @@ impl Placement {
     /// [`PlacementError`] when a template renders to an absolute path, a `..` component, an
     /// empty or over-long name, or the affix is not a usable folder name.
     pub fn for_task(task: &SaveTask) -> Result<Self, PlacementError> {
+        Self::for_task_at(task, task.submitted_at)
+    }
+
+    /// [`Placement::for_task`] with `%time:...%` rendered from `time` instead of the task's
+    /// `submitted_at` (the job's first submission time, for idempotent resubmissions).
+    ///
+    /// # Errors
+    /// As [`Placement::for_task`].
+    pub fn for_task_at(
+        task: &SaveTask,
+        time: chrono::DateTime<chrono::FixedOffset>,
+    ) -> Result<Self, PlacementError> {
         let o = &task.options;
         let ctx = TemplateContext {
             model_name: &o.model_name,
             index: o.index,
-            time: task.submitted_at,
+            time,
         };
         let mut dirs =
             template::render_relative(&o.save_path, &ctx).map_err(PlacementError::SavePath)?;

@@ -115,7 +115,14 @@ pub fn save_task_timed(
     timings: &mut Timings,
 ) -> Result<Outcome, SaveError> {
     task.validate()?;
-    let placement = Placement::for_task(task)?;
+    let placement = if task.idempotent {
+        Placement::for_task_at(
+            task,
+            store.first_submission(&task.job_id, task.submitted_at)?,
+        )?
+    } else {
+        Placement::for_task(task)?
+    };
     let o = &task.options;
     let img = &task.image;
     let fetched;

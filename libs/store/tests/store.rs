@@ -505,7 +505,7 @@ fn symlinks_planted_at_work_file_names_are_never_followed() {
     // Every name the store uses for its own work files, old and new.
     for name in [
         ".luna-job-a-0.tmp",
-        ".luna-job-a-0.tmp",
+        ".luna-job-a-0.lock",
         ".luna-job-a-0.json.tmp",
     ] {
         std::os::unix::fs::symlink(&victim, dir.join(name)).expect("symlink");
@@ -583,4 +583,58 @@ fn a_name_too_long_for_the_disk_is_a_permanent_failure() {
         .put(&key("job-a", 0), &placement, &encoded(b"png"))
         .expect_err("too long");
     assert!(!err.is_transient(), "{err:?}");
+}
+
+#[test]
+fn an_idempotent_resubmission_finds_the_files_of_the_first_attempt() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = LocalStore::new(tmp.path());
+    let job = JobId::for_idempotency_key("client-submission-1").expect("key");
+    let attempt = |at: &str| {
+        let req = SaveRequest {
+            save_path: "%time:YYYY-mm-dd%".into(),
+            filename: "%time:HH.MM.SS%".into(),
+            images: vec![ImageInput {
+                pixels: vec![9; 12].into(),
+                width: 2,
+                height: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let at = DateTime::parse_from_rfc3339(at).expect("time");
+        let mut task = req.into_tasks(&job, at).remove(0);
+        task.idempotent = true;
+        task
+    };
+    let first = save_task(&attempt("2025-12-09T23:59:58+01:00"), &store, None).expect("first");
+    // The retry reaches a gateway two seconds later, after midnight.
+    let retry = save_task(&attempt("2025-12-10T00:00:00+01:00"), &store, None).expect("retry");
+    let path = |o: &Outcome| match o {
+        Outcome::Saved { stored, .. } => (stored.path.clone(), stored.already_stored),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(path(&first), ("2025-12-09/23.59.58.png".to_owned(), false));
+    assert_eq!(path(&retry), ("2025-12-09/23.59.58.png".to_owned(), true));
+    let images: Vec<_> = listing(tmp.path())
+        .into_iter()
+        .filter(|p| !p.starts_with(".luna/"))
+        .collect();
+    assert_eq!(images, ["2025-12-09/23.59.58.png"]);
+    // A job without a key keeps its own time and leaves no record.
+    let mut plain = attempt("2025-12-10T00:00:01+01:00");
+    plain.idempotent = false;
+    plain.job_id = JobId::new();
+    assert_eq!(
+        path(&save_task(&plain, &store, None).expect("plain")).0,
+        "2025-12-10/00.00.01.png"
+    );
+    assert_eq!(listing(&tmp.path().join(".luna/jobs")), [job.to_string()]);
+    assert_eq!(
+        store
+            .sweep_ledger(std::time::Duration::ZERO)
+            .expect("sweep"),
+        1
+    );
+    assert!(listing(&tmp.path().join(".luna/jobs")).is_empty());
 }

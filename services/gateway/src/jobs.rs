@@ -1,5 +1,6 @@
 //! `POST /v1/jobs`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use axum::Json;
@@ -102,9 +103,18 @@ async fn accept(
         }
     }
 
-    let job_id = JobId::new();
+    let key = idempotency_key(headers)?;
+    let job_id = match key {
+        Some(key) => {
+            JobId::for_idempotency_key(key).map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+        None => JobId::new(),
+    };
     let submitted_at = chrono::Local::now().fixed_offset();
-    let tasks = request.into_tasks(&job_id, submitted_at);
+    let mut tasks = request.into_tasks(&job_id, submitted_at);
+    for task in &mut tasks {
+        task.idempotent = key.is_some();
+    }
     check_placements(&tasks)?;
     let num_images = tasks.len();
     let span = tracing::Span::current();
@@ -112,36 +122,22 @@ async fn accept(
     span.record("luna.images", num_images);
 
     let bodies = encode_tasks(state, tasks).await?;
-    // The queued event goes first: status then sees it before any outcome of the job, so a
-    // subscriber always gets queued -> outcomes -> completed. If the tasks then fail to
-    // publish, the client gets 503 and never learns the id; status forgets the job after its TTL.
-    let queued = Event::now(
-        job_id.clone(),
-        EventKind::SaveJobQueued {
-            num_images: count(num_images),
-        },
-    );
-    let publish_started = Instant::now();
-    state
-        .broker
-        .publish_event(&queued, trace)
-        .await
-        .map_err(|e| unavailable(&job_id, &e))?;
-    state
-        .metrics
-        .publish_took("event", publish_started.elapsed());
-    let publishes = bodies.iter().map(|(label, body)| async move {
-        let publish_started = Instant::now();
-        state.broker.publish_task_bytes(body, label, trace).await?;
-        state
-            .metrics
-            .publish_took("task", publish_started.elapsed());
-        state.metrics.published(label.format.as_str());
-        Ok::<_, QueueError>(())
-    });
-    try_join_all(publishes)
-        .await
-        .map_err(|e| unavailable(&job_id, &e))?;
+    // One deadline bounds the whole hand-over, however many round trips it takes.
+    let deadline = state.config.broker.broker_timeout;
+    let sent = AtomicUsize::new(0);
+    let published =
+        tokio::time::timeout(deadline, publish_job(state, &job_id, &bodies, trace, &sent))
+            .await
+            .unwrap_or(Err(QueueError::Timeout(deadline)));
+    if let Err(e) = published {
+        let outcome = Unpublished {
+            job_id: &job_id,
+            keyed: key.is_some(),
+            sent: sent.load(Ordering::Relaxed),
+            total: num_images,
+        };
+        return Err(outcome.answer(&e));
+    }
     state.metrics.accepted();
 
     tracing::info!(
@@ -167,11 +163,89 @@ fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-fn unavailable(job_id: &JobId, e: &QueueError) -> ApiError {
-    tracing::warn!(%job_id, error = %e, "publishing failed");
-    ApiError::unavailable(format!(
-        "the message broker is unavailable ({e}); nothing was saved, try again"
-    ))
+/// Publishes `save_job_queued`, then every task, counting in `sent` the tasks handed to the
+/// broker (confirmed or not: an unconfirmed one may still be queued).
+///
+/// The queued event goes first: status then sees it before any outcome of the job, so a
+/// subscriber always gets queued -> outcomes -> completed.
+async fn publish_job(
+    state: &AppState,
+    job_id: &JobId,
+    bodies: &[(TaskLabel, Vec<u8>)],
+    trace: &Headers,
+    sent: &AtomicUsize,
+) -> Result<(), QueueError> {
+    let queued = Event::now(
+        job_id.clone(),
+        EventKind::SaveJobQueued {
+            num_images: count(bodies.len()),
+        },
+    );
+    let publish_started = Instant::now();
+    state.broker.publish_event(&queued, trace).await?;
+    state
+        .metrics
+        .publish_took("event", publish_started.elapsed());
+    let publishes = bodies.iter().map(|(label, body)| async move {
+        let publish_started = Instant::now();
+        sent.fetch_add(1, Ordering::Relaxed);
+        state.broker.publish_task_bytes(body, label, trace).await?;
+        state
+            .metrics
+            .publish_took("task", publish_started.elapsed());
+        state.metrics.published(label.format.as_str());
+        Ok::<_, QueueError>(())
+    });
+    try_join_all(publishes).await.map(drop)
+}
+
+/// A job whose tasks did not all reach the broker, and what the client may rely on.
+struct Unpublished<'a> {
+    job_id: &'a JobId,
+    keyed: bool,
+    /// Tasks handed to the broker before the failure: each may be queued and then saved.
+    sent: usize,
+    total: usize,
+}
+
+impl Unpublished<'_> {
+    /// The 503, saying exactly what may have happened and how to retry safely.
+    fn answer(&self, e: &QueueError) -> ApiError {
+        let Self {
+            job_id,
+            keyed,
+            sent,
+            total,
+        } = *self;
+        tracing::warn!(%job_id, sent, total, error = %e, "publishing failed");
+        let message = match (keyed, sent) {
+            (true, _) => format!(
+                "the message broker is unavailable ({e}); job {job_id}: {sent} of {total} images \
+                 may already be queued and will then be saved. Retry with the same \
+                 Idempotency-Key: the job keeps its id and no image is saved twice"
+            ),
+            (false, 0) => {
+                format!("the message broker is unavailable ({e}); nothing was queued, try again")
+            }
+            (false, _) => format!(
+                "the message broker is unavailable ({e}); job {job_id}: up to {sent} of \
+                 {total} images may already be queued and will then be saved, and a retry \
+                 makes a new job. Send an Idempotency-Key header to make retries safe"
+            ),
+        };
+        ApiError::unavailable(message)
+    }
+}
+
+/// The `Idempotency-Key` header, if sent.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request(luna_job::id::InvalidIdempotencyKey.to_string()))
 }
 
 /// Checks `Authorization: Bearer <token>` when a token is configured.

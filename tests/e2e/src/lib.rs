@@ -314,19 +314,29 @@ pub fn test_image(
 
 /// Posts `request` as MessagePack; returns status and JSON body.
 pub async fn submit(gateway: &str, request: &SaveRequest) -> (u16, serde_json::Value) {
+    submit_with_key(gateway, request, None).await
+}
+
+/// Posts `request` as MessagePack with an optional `Idempotency-Key`.
+pub async fn submit_with_key(
+    gateway: &str,
+    request: &SaveRequest,
+    key: Option<&str>,
+) -> (u16, serde_json::Value) {
     let body = to_msgpack(request).expect("encode");
-    let response = reqwest::Client::new()
+    let mut post = reqwest::Client::new()
         .post(format!("{gateway}/v1/jobs"))
-        .header("content-type", "application/msgpack")
-        .body(body)
-        .send()
-        .await
-        .expect("gateway answers");
+        .header("content-type", "application/msgpack");
+    if let Some(key) = key {
+        post = post.header("idempotency-key", key);
+    }
+    let response = post.body(body).send().await.expect("gateway answers");
     let status = response.status().as_u16();
     (status, response.json().await.expect("JSON answer"))
 }
 
-/// Every file under `dir`, as relative paths, sorted.
+/// Every file under `dir`, as relative paths, sorted; the store's own state folder (`.luna`,
+/// the submission ledger) is left out.
 pub fn files(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
@@ -336,6 +346,9 @@ pub fn files(dir: &std::path::Path) -> Vec<String> {
         };
         for e in entries.flatten() {
             let p = e.path();
+            if d == dir && e.file_name() == ".luna" {
+                continue;
+            }
             if p.is_dir() {
                 stack.push(p);
             } else {
