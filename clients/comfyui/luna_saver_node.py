@@ -29,6 +29,9 @@ CONNECTION_REFUSED = f"{PREFIX} ERROR: Connection refused. Is daemon running?"
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:19283"
 DEFAULT_FILENAME = "%time:YYYY_mm_dd.HH.MM.SS%_%model_name%"
 DEFAULT_TIMEOUT_S = 10.0
+# How long one submission is retried (no answer, 503, 429) with the same Idempotency-Key.
+DEFAULT_RETRY_FOR_S = 30.0
+MAX_RETRY_WAIT_S = 10.0
 # The gateway's defaults (--max-images, --max-body-bytes). Bigger submissions are split.
 DEFAULT_MAX_IMAGES = 16
 DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
@@ -267,11 +270,22 @@ def new_traceparent():
 
 
 class SubmitError(Exception):
-    """A submission the gateway did not accept; `str()` is the text to show after `ERROR: `."""
+    """A submission the gateway did not accept; `str()` is the text to show after `ERROR: `.
+    `retryable` when the same request may be sent again (no answer, 503, 429), with the
+    gateway's `Retry-After` in seconds when it gave one."""
 
-    def __init__(self, message, refused=False):
+    def __init__(self, message, refused=False, retryable=False, retry_after=None):
         super().__init__(message)
         self.refused = refused
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+def _retry_after(headers):
+    try:
+        return max(0.0, float(headers.get("Retry-After", "").strip()))
+    except (AttributeError, ValueError):
+        return None
 
 
 def _is_refused(exc):
@@ -283,12 +297,15 @@ def _is_refused(exc):
     return False
 
 
-def post_job(url, body, token=None, timeout=DEFAULT_TIMEOUT_S, traceparent=None):
+def post_job(url, body, token=None, timeout=DEFAULT_TIMEOUT_S, traceparent=None,
+             idempotency_key=None):
     """POSTs one MessagePack body; returns the gateway's JSON answer or raises SubmitError."""
     headers = {"Content-Type": "application/msgpack", "Accept": "application/json",
                "User-Agent": "luna-comfyui-node/1"}
     if traceparent:
         headers["traceparent"] = traceparent
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
@@ -300,20 +317,52 @@ def post_job(url, body, token=None, timeout=DEFAULT_TIMEOUT_S, traceparent=None)
             detail = json.loads(e.read().decode("utf-8", "replace")).get("error")
         except Exception:  # noqa: BLE001 - not the gateway's JSON error body
             detail = None
-        raise SubmitError(detail or f"HTTP {e.code} {e.reason} from {url}") from None
+        raise SubmitError(detail or f"HTTP {e.code} {e.reason} from {url}",
+                          retryable=e.code in (429, 503),
+                          retry_after=_retry_after(e.headers)) from None
     except (urllib.error.URLError, OSError) as e:
         if _is_refused(e):
-            raise SubmitError("Connection refused. Is daemon running?", refused=True) from None
+            raise SubmitError("Connection refused. Is daemon running?", refused=True,
+                              retryable=True) from None
         reason = getattr(e, "reason", e)
         if isinstance(reason, (socket.timeout, TimeoutError)):
-            raise SubmitError(f"no answer from daemon at {url} within {timeout:g} s") from None
-        raise SubmitError(f"could not reach daemon at {url}: {reason}") from None
+            raise SubmitError(f"no answer from daemon at {url} within {timeout:g} s",
+                              retryable=True) from None
+        raise SubmitError(f"could not reach daemon at {url}: {reason}",
+                          retryable=True) from None
     try:
         answer = json.loads(raw.decode("utf-8"))
         answer["job_id"]  # noqa: B018 - must be present
         return answer
     except Exception:  # noqa: BLE001
         raise SubmitError(f"unexpected answer from {url}: {raw[:200]!r}") from None
+
+
+def post_with_retry(url, body, token=None, timeout=DEFAULT_TIMEOUT_S, traceparent=None,
+                    retry_for=DEFAULT_RETRY_FOR_S, sleep=time.sleep, clock=time.monotonic):
+    """`post_job` with one Idempotency-Key per submission, retried on no answer, 503 and 429
+    (waiting `Retry-After` when given) for at most `retry_for` seconds. A retry with the key
+    names the same job and never saves an image twice. A refused connection on the first try
+    is not retried: the daemon is not running."""
+    key = secrets.token_hex(16)
+    started = clock()
+    backoff = 0.5
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return post_job(url, body, token, timeout, traceparent, idempotency_key=key)
+        except SubmitError as e:
+            if not e.retryable or (e.refused and attempt == 1):
+                raise
+            wait = min(e.retry_after if e.retry_after is not None else backoff,
+                       MAX_RETRY_WAIT_S)
+            backoff = min(backoff * 2, MAX_RETRY_WAIT_S)
+            if clock() - started + wait > retry_for:
+                raise
+            log.warning("%s attempt %d: %s; retrying in %.1f s with the same Idempotency-Key",
+                        PREFIX, attempt, e, wait)
+            sleep(wait)
 
 
 # --- the node ------------------------------------------------------------------------------
@@ -453,6 +502,7 @@ def submit(save_path="", filename=DEFAULT_FILENAME, quality_gate="disabled",
     url = url.rstrip("/") + "/v1/jobs"
     token = os.environ.get("LUNA_TOKEN", "").strip() or None
     timeout = _env_number("LUNA_SUBMIT_TIMEOUT", DEFAULT_TIMEOUT_S, float)
+    retry_for = _env_number("LUNA_SUBMIT_RETRY_FOR", DEFAULT_RETRY_FOR_S, float)
     max_images = _env_number("LUNA_MAX_IMAGES", DEFAULT_MAX_IMAGES, int)
     max_body = _env_number("LUNA_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, int)
 
@@ -478,7 +528,8 @@ def submit(save_path="", filename=DEFAULT_FILENAME, quality_gate="disabled",
         for entry in group:  # the pixels now live in `body`; free them as we go
             entry["pixels"] = b""
         try:
-            accepted.append(post_job(url, body, token, timeout, traceparent))
+            accepted.append(post_with_retry(url, body, token, timeout, traceparent,
+                                            retry_for=retry_for))
         except SubmitError as e:
             if e.refused and not accepted:
                 text = CONNECTION_REFUSED

@@ -383,9 +383,12 @@ class FakeGateway(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
         FakeGateway.requests.append((self.path, dict(self.headers), body))
-        status, payload = FakeGateway.answer
+        status, payload = FakeGateway.answers.pop(0) if FakeGateway.answers \
+            else FakeGateway.answer
         data = json.dumps(payload).encode()
         self.send_response(status)
+        if status in (429, 503):
+            self.send_header("Retry-After", "0")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -401,6 +404,7 @@ def fake_gateway(monkeypatch):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     FakeGateway.requests = []
+    FakeGateway.answers = []
     monkeypatch.setenv("LUNA_GATEWAY_URL", f"http://127.0.0.1:{server.server_port}/")
     try:
         yield FakeGateway
@@ -444,6 +448,46 @@ def test_the_request_on_the_wire(fake_gateway, monkeypatch):
                         (400, {"error": "png_compression is 12; allowed 0 to 9"}))
     text = node.submit(image_1=img)
     assert text == f"{PREFIX} ERROR: png_compression is 12; allowed 0 to 9"
+
+
+def test_503_and_429_are_retried_with_one_idempotency_key(fake_gateway):
+    node = load_node()
+    img = np.full((1, 2, 3, 3), 0.5, dtype=np.float32)
+    fake_gateway.answers = [
+        (503, {"error": "the message broker is unavailable"}),
+        (429, {"error": "the save queue is full"}),
+    ]
+    text = node.submit(image_1=img)
+    assert text == f"{PREFIX} Submitted 1 images to daemon. Job ID: fake-1"
+    keys = [{k.lower(): v for k, v in h.items()}.get("idempotency-key")
+            for _, h, _ in fake_gateway.requests]
+    assert len(keys) == 3 and keys[0] and len(set(keys)) == 1, keys
+    bodies = {b for _, _, b in fake_gateway.requests}
+    assert len(bodies) == 1, "every attempt sends the same request"
+
+    # A second submission is a new job: a new key.
+    fake_gateway.requests.clear()
+    node.submit(image_1=img)
+    (_, h, _), = fake_gateway.requests
+    assert {k.lower(): v for k, v in h.items()}["idempotency-key"] != keys[0]
+
+    # A refusal that retrying cannot fix is not retried.
+    fake_gateway.requests.clear()
+    fake_gateway.answers = [(400, {"error": "bad"})]
+    assert node.submit(image_1=img) == f"{PREFIX} ERROR: bad"
+    assert len(fake_gateway.requests) == 1
+
+
+def test_retries_stop_after_the_retry_window(fake_gateway, monkeypatch):
+    monkeypatch.setenv("LUNA_SUBMIT_RETRY_FOR", "0.2")
+    node = load_node()
+    img = np.full((1, 2, 3, 3), 0.5, dtype=np.float32)
+    monkeypatch.setattr(fake_gateway, "answer", (503, {"error": "broker down"}))
+    started = time.monotonic()
+    text = node.submit(image_1=img)
+    assert text == f"{PREFIX} ERROR: broker down"
+    assert len(fake_gateway.requests) >= 2
+    assert time.monotonic() - started < 5
 
 
 def test_package_exports_and_inputs():

@@ -274,6 +274,17 @@ impl Trace {
     }
 }
 
+/// How long `luna submit` keeps retrying one submission (no answer, 503 or 429).
+const RETRY_FOR: Duration = Duration::from_secs(120);
+
+/// Longest wait between two attempts, whatever `Retry-After` asks for.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
+
+/// Bound on one attempt, upload included: a gateway that stops answering is retried.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Posts one job, retrying with the same `Idempotency-Key` when the gateway gives no answer,
+/// 503 or 429 (honouring `Retry-After`), so a retry never saves an image twice.
 async fn post(
     client: &reqwest::Client,
     args: &SubmitArgs,
@@ -281,34 +292,70 @@ async fn post(
     trace: &Trace,
 ) -> anyhow::Result<String> {
     let body = to_msgpack(&req).context("encoding the request")?;
-    let mut call = client
-        .post(format!("{}/v1/jobs", args.gateway.trim_end_matches('/')))
-        .header("content-type", "application/msgpack")
-        .header("traceparent", trace.traceparent())
-        .body(body);
-    if let Some(token) = &args.token {
-        call = call.bearer_auth(token);
-    }
-    let response = call.send().await.map_err(|e| {
-        if e.is_connect() {
-            anyhow::anyhow!(
+    let key = uuid::Uuid::new_v4().to_string();
+    let started = std::time::Instant::now();
+    let mut backoff = Duration::from_millis(500);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let mut call = client
+            .post(format!("{}/v1/jobs", args.gateway.trim_end_matches('/')))
+            .header("content-type", "application/msgpack")
+            .header("idempotency-key", &key)
+            .header("traceparent", trace.traceparent())
+            .timeout(ATTEMPT_TIMEOUT)
+            .body(body.clone());
+        if let Some(token) = &args.token {
+            call = call.bearer_auth(token);
+        }
+        let wait = match call.send().await {
+            Err(e) if e.is_connect() && attempt == 1 => bail!(
                 "Connection refused at {}. Is the daemon running? Start it with `luna up`.",
                 args.gateway
-            )
-        } else {
-            anyhow::anyhow!("sending the request to {} failed: {e}", args.gateway)
+            ),
+            Err(e) => {
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_RETRY_WAIT);
+                (format!("no answer ({e})"), wait)
+            }
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let json: serde_json::Value = response.json().await.unwrap_or_default();
+                let reason = json["error"].as_str().unwrap_or("no reason given");
+                if status.is_success() {
+                    return json["job_id"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .context("the gateway answered without a job id");
+                }
+                if !matches!(status.as_u16(), 429 | 503) {
+                    bail!("the gateway refused the images ({status}): {reason}");
+                }
+                let wait = retry_after.unwrap_or(backoff).min(MAX_RETRY_WAIT);
+                backoff = (backoff * 2).min(MAX_RETRY_WAIT);
+                (format!("{status}: {reason}"), wait)
+            }
+        };
+        let (why, wait) = wait;
+        if started.elapsed() + wait > RETRY_FOR {
+            bail!(
+                "the gateway at {} did not take the images within {}s ({why}); \
+                 nothing more is sent",
+                args.gateway,
+                RETRY_FOR.as_secs()
+            );
         }
-    })?;
-    let status = response.status();
-    let json: serde_json::Value = response.json().await.unwrap_or_default();
-    if !status.is_success() {
-        let reason = json["error"].as_str().unwrap_or("no reason given");
-        bail!("the gateway refused the images ({status}): {reason}");
+        eprintln!(
+            "luna submit: attempt {attempt}: {why}; retrying in {:.1}s with the same Idempotency-Key",
+            wait.as_secs_f64()
+        );
+        tokio::time::sleep(wait).await;
     }
-    json["job_id"]
-        .as_str()
-        .map(str::to_owned)
-        .context("the gateway answered without a job id")
 }
 
 /// Follows one job on the status WebSocket until it completes.

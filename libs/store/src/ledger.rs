@@ -87,6 +87,12 @@ impl LocalStore {
     /// # Errors
     /// [`StoreError::Io`] when the ledger folder cannot be listed.
     pub fn sweep_ledger(&self, max_age: Duration) -> Result<usize, StoreError> {
+        let folder = LEDGER_DIRS
+            .iter()
+            .fold(self.root().to_owned(), |p, d| p.join(d));
+        if std::fs::symlink_metadata(&folder).is_err() {
+            return Ok(0); // no idempotent job has been stored here
+        }
         let dir = self.open_dir(&ledger_dirs())?;
         let listing = std::fs::read_dir(dir.path()).map_err(|source| StoreError::Io {
             action: "list",

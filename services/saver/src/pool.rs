@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use luna_store::LEDGER_RETENTION;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -227,6 +228,12 @@ async fn slot_loop(
 }
 
 fn sweep_blobs(ctx: &Context) {
+    let store = ctx.store.clone();
+    tokio::task::spawn_blocking(move || match store.sweep_ledger(LEDGER_RETENTION) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "removed expired submission records"),
+        Err(e) => tracing::warn!(error = %e, "submission ledger sweep failed"),
+    });
     if let Some(blobs) = ctx.blobs.clone() {
         let ttl = ctx.config.blob_ttl;
         tokio::task::spawn_blocking(move || match blobs.sweep(ttl) {
