@@ -19,8 +19,18 @@ enum Command {
     Submit(luna::submit::SubmitArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
+    // A suspect task saved in a child process of its own (see luna_saver::settle).
+    if let Some(code) = luna_saver::isolate::isolated_entry() {
+        return Ok(code);
+    }
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(run())
+        .map(|()| std::process::ExitCode::SUCCESS)
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Up(args) => {

@@ -50,9 +50,21 @@ pub struct Config {
     #[arg(long, env = "LUNA_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// Attempts per task (deliveries and local retries together) before it is parked.
+    /// Attempts at a transient failure (local retries and earlier deliveries together) before
+    /// the task is parked.
     #[arg(long, env = "LUNA_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,
+
+    /// A task with this many unfinished attempts before (its saver stopped while holding it)
+    /// is saved in a child process of its own, so a task that crashes savers is parked with the
+    /// reason while one whose savers were merely killed (preemption) is not.
+    #[arg(long, env = "LUNA_ISOLATE_AFTER", default_value_t = 1)]
+    pub isolate_after: u32,
+
+    /// Attempts that started and never finished (the saver holding the task stopped) after
+    /// which a task is parked whatever the reason.
+    #[arg(long, env = "LUNA_MAX_DELIVERIES", default_value_t = 25)]
+    pub max_deliveries: u32,
 
     /// Wait before the first retry of a transient failure; doubles per attempt, up to 30 s.
     #[arg(long, env = "LUNA_RETRY_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -73,13 +85,13 @@ impl Config {
         <Self as clap::Parser>::parse_from(["luna-saver"])
     }
 
-    /// Backoff before retry number `attempt` (1-based): base x 2^(attempt-1), capped at 30 s.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempt.saturating_sub(1).min(16))
-            .unwrap_or(u32::MAX);
-        self.retry_backoff
-            .saturating_mul(factor)
-            .min(Duration::from_secs(30))
+    /// The limits the settle decision follows.
+    pub fn policy(&self) -> crate::settle::Policy {
+        crate::settle::Policy {
+            max_attempts: self.max_attempts,
+            isolate_after: self.isolate_after,
+            max_deliveries: self.max_deliveries,
+            retry_backoff: self.retry_backoff,
+        }
     }
 }

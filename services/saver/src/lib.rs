@@ -14,8 +14,10 @@
 
 pub mod config;
 pub mod http;
+pub mod isolate;
 pub mod metrics;
 pub mod pool;
+pub mod settle;
 pub mod worker;
 
 use std::sync::Arc;

@@ -4,8 +4,18 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use luna_saver::Config;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
+    // A suspect task saved in a child process of its own (see luna_saver::settle).
+    if let Some(code) = luna_saver::isolate::isolated_entry() {
+        return Ok(code);
+    }
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(serve())
+        .map(|()| std::process::ExitCode::SUCCESS)
+}
+
+async fn serve() -> anyhow::Result<()> {
     let config = Config::parse();
     let telemetry =
         luna_telemetry::init("luna-saver", config.log_format).context("setting up telemetry")?;

@@ -9,8 +9,10 @@
 //!
 //! Transient failures (disk full, permissions, a blob not visible yet) are retried here with
 //! backoff, each reported as `image_failed` with `final: false`; the last attempt parks the task
-//! and reports `final: true`. Attempts count redeliveries too (`x-delivery-count`), so a task
-//! that keeps crashing savers is parked instead of looping.
+//! and reports `final: true`. What happens to a delivery is decided by [`crate::settle`]: a task
+//! whose saver stopped while holding it is queued again with its count of unfinished attempts
+//! and then saved in an isolated child process, so a task that crashes savers is parked with the
+//! reason and one whose savers were preempted is not.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +21,9 @@ use luna_job::{Event, EventKind, JobId, SaveTask};
 use luna_queue::topology::TASK_ROUTING_KEY;
 use luna_queue::{Delivery, Headers, QueueError};
 use luna_store::{Outcome, Timings, save_task_timed};
+
+use crate::isolate::{self, Failure};
+use crate::settle::{self, Admission, Attempt, Settle};
 use luna_telemetry::propagation;
 use tracing::field::Empty;
 use tracing::{Instrument as _, Span};
@@ -55,14 +60,27 @@ pub async fn handle(ctx: &Context, delivery: Delivery) {
 }
 
 async fn process(ctx: &Context, delivery: Delivery, headers: Headers, span: &Span) {
-    let previous = delivery.delivery_count();
+    let policy = ctx.config.policy();
+    let previous = headers
+        .get(settle::DELIVERIES_HEADER)
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
     let task = match delivery.task() {
         Ok(task) => task,
         Err(e) => {
-            let reason = format!("undecodable task: {e}");
-            fail(ctx, span, "unknown", "undecodable", &reason);
-            park(ctx, delivery, &reason, "undecodable").await;
-            return;
+            let reason = e.to_string();
+            let settle = settle::settle(&Attempt::Undecodable { reason: &reason }, 1, &policy);
+            return finish(
+                ctx,
+                span,
+                delivery,
+                None,
+                "unknown",
+                previous + 1,
+                settle,
+                &headers,
+            )
+            .await;
         }
     };
     let job_id = task.job_id.clone();
@@ -72,93 +90,221 @@ async fn process(ctx: &Context, delivery: Delivery, headers: Headers, span: &Spa
     span.record("luna.image.index", index);
     span.record("luna.image.format", format);
     if let Err(e) = task.validate() {
-        let reason = format!("invalid task: {e}");
-        fail(ctx, span, format, "invalid", &reason);
-        report_failure(ctx, &task, &reason, previous + 1, true, &headers).await;
-        park(ctx, delivery, &reason, "invalid").await;
-        return;
+        let reason = e.to_string();
+        let settle = settle::settle(&Attempt::Invalid { reason: &reason }, 1, &policy);
+        return finish(
+            ctx,
+            span,
+            delivery,
+            Some(&task),
+            format,
+            previous + 1,
+            settle,
+            &headers,
+        )
+        .await;
     }
-    if previous >= ctx.config.max_attempts {
-        let reason =
-            format!("gave up after {previous} deliveries (a saver may have crashed on it)");
-        fail(ctx, span, format, "redelivery_limit", &reason);
-        report_failure(ctx, &task, &reason, previous + 1, true, &headers).await;
-        park(ctx, delivery, &reason, "redelivery_limit").await;
-        return;
+    let isolated = match settle::admit(previous, delivery.delivery_count() > 0, &policy) {
+        Admission::Republish { deliveries } => {
+            return republish(ctx, delivery, &task, &headers, deliveries).await;
+        }
+        Admission::InProcess => false,
+        Admission::Isolated => true,
+        Admission::GiveUp { reason } => {
+            let settle = Settle::Park {
+                reason,
+                kind: "redelivery_limit",
+            };
+            return finish(
+                ctx,
+                span,
+                delivery,
+                Some(&task),
+                format,
+                previous + 1,
+                settle,
+                &headers,
+            )
+            .await;
+        }
+    };
+    if isolated {
+        tracing::info!(%job_id, index, previous, "redelivered task: saving it in an isolated process");
     }
 
     let started = Instant::now();
     let task = Arc::new(task);
     let mut attempt = previous + 1;
     loop {
-        let result = {
-            let (task, store, blobs) = (task.clone(), ctx.store.clone(), ctx.blobs.clone());
-            let span = span.clone();
-            tokio::task::spawn_blocking(move || {
-                span.in_scope(|| {
-                    let mut timings = Timings::default();
-                    let result =
-                        save_task_timed(&task, store.as_ref(), blobs.as_ref(), &mut timings);
-                    (result, timings)
-                })
-            })
-            .await
-        };
-        let (result, timings) = match result {
-            Ok(r) => r,
-            Err(join) => {
-                // A panic in a codec: treat like a crash, leave the task to redelivery.
-                tracing::error!(%job_id, index, error = %join, "save panicked");
-                requeue_later(ctx, delivery).await;
-                return;
+        let (outcome, crash) = if isolated {
+            match isolate::save_isolated(ctx, delivery.body()).await {
+                Ok(report) => (Some(report.into_result()), None),
+                Err(detail) => (None, Some(detail)),
+            }
+        } else {
+            match save_here(ctx, &task, span).await {
+                Ok((result, timings)) => {
+                    ctx.metrics
+                        .timings(format, task.options.quality_gate.as_str(), &timings);
+                    (Some(result.map_err(|e| Failure::from(&e))), None)
+                }
+                Err(panic) => (None, Some(panic)),
             }
         };
-        ctx.metrics
-            .timings(format, task.options.quality_gate.as_str(), &timings);
-        match result {
-            Ok(outcome) => {
+        let settle = match (&outcome, &crash) {
+            (_, Some(detail)) => {
+                tracing::error!(%job_id, index, isolated, detail, "save crashed");
+                settle::settle(&Attempt::Crashed { isolated, detail }, attempt, &policy)
+            }
+            (Some(Ok(outcome)), None) => {
                 let elapsed = started.elapsed();
-                let event = outcome_event(ctx, &task, &outcome, elapsed);
-                if let Err(e) = publish_event(ctx, &event, &headers).await {
-                    // The file is durable; without a confirmed event the task must come back,
-                    // and the redelivery will find the file instead of writing another.
-                    tracing::warn!(%job_id, index, error = %e, "event not confirmed; task goes back to the queue");
-                    requeue_later(ctx, delivery).await;
-                    return;
+                let event = outcome_event(ctx, &task, outcome, elapsed);
+                let confirmed = match publish_event(ctx, &event, &headers).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // The file is durable; without a confirmed event the task must come
+                        // back, and the redelivery will find the file instead of writing another.
+                        tracing::warn!(%job_id, index, error = %e, "event not confirmed; task goes back to the queue");
+                        false
+                    }
+                };
+                if confirmed {
+                    log_outcome(&job_id, index, outcome, elapsed);
+                    count_outcome(ctx, span, &task, outcome);
                 }
-                log_outcome(&job_id, index, &outcome, elapsed);
-                count_outcome(ctx, span, &task, &outcome);
-                if let Err(e) = delivery.ack().await {
-                    tracing::warn!(%job_id, index, error = %e, "ack failed; the redelivery will find the saved file");
-                }
-                remove_blob(ctx, &task);
-                return;
+                settle::settle(&Attempt::Done { confirmed }, attempt, &policy)
             }
-            Err(e) if e.is_transient() && attempt < ctx.config.max_attempts => {
-                let reason = error_chain(&e);
-                let wait = ctx.config.backoff(attempt);
-                tracing::warn!(%job_id, index, attempt, ?wait, error = %reason, "[Image Save] Job {job_id}: image {index} failed, retrying");
+            (Some(Err(failure)), None) => {
+                let attempt_of = Attempt::Failed {
+                    transient: failure.transient,
+                    kind: failure.kind,
+                    reason: &failure.reason,
+                };
+                settle::settle(&attempt_of, attempt, &policy)
+            }
+            (None, None) => Settle::Requeue,
+        };
+        if let Settle::RetryAfter(wait) = settle {
+            if let Some(Err(failure)) = &outcome {
+                tracing::warn!(%job_id, index, attempt, ?wait, error = %failure.reason, "[Image Save] Job {job_id}: image {index} failed, retrying");
                 ctx.metrics.retried(format);
-                report_failure(ctx, &task, &reason, attempt, false, &headers).await;
-                tokio::time::sleep(wait).await;
-                attempt += 1;
+                report_failure(ctx, &task, &failure.reason, attempt, false, &headers).await;
             }
-            Err(e) => {
-                let reason = error_chain(&e);
-                tracing::error!(%job_id, index, attempt, error = %reason, "[Image Save] Job {job_id}: image {index} failed for good");
-                fail(ctx, span, format, e.kind(), &reason);
-                report_failure(ctx, &task, &reason, attempt, true, &headers).await;
-                // The blob stays with a parked task, so it can be replayed; the sweep removes it
-                // after --blob-ttl.
-                park(ctx, delivery, &reason, e.kind()).await;
-                return;
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+            continue;
+        }
+        return finish(
+            ctx,
+            span,
+            delivery,
+            Some(&task),
+            format,
+            attempt,
+            settle,
+            &headers,
+        )
+        .await;
+    }
+}
+
+/// Publishes a redelivered task anew with `deliveries` unfinished attempts, then acknowledges
+/// the old copy: the new one is confirmed first, so a crash in between leaves two copies (the
+/// store makes the second find the first's file), never none.
+async fn republish(
+    ctx: &Context,
+    delivery: Delivery,
+    task: &SaveTask,
+    headers: &Headers,
+    deliveries: u32,
+) {
+    let mut headers: Headers = headers
+        .iter()
+        .filter(|(k, _)| {
+            !k.starts_with("x-delivery")
+                && !k.starts_with("x-death")
+                && !k.starts_with("x-first-death")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    headers.insert(settle::DELIVERIES_HEADER.to_owned(), deliveries.to_string());
+    let label = luna_queue::TaskLabel::of(task);
+    match ctx
+        .broker
+        .publish_task_bytes(delivery.body(), &label, &headers)
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(job_id = %task.job_id, index = task.image_index, deliveries, "a saver stopped while holding this task; queued it again with its attempt count");
+            if let Err(e) = delivery.ack().await {
+                tracing::warn!(error = %e, "ack of the old copy failed; it comes back and is counted again");
             }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not queue the task again; it goes back as it is");
+            requeue_later(ctx, delivery).await;
+        }
+    }
+}
+
+/// Saves in this process, on a blocking thread. `Err` when the save panicked.
+async fn save_here(
+    ctx: &Context,
+    task: &Arc<SaveTask>,
+    span: &Span,
+) -> Result<(Result<Outcome, luna_store::SaveError>, Timings), String> {
+    let (task, store, blobs) = (task.clone(), ctx.store.clone(), ctx.blobs.clone());
+    let span = span.clone();
+    tokio::task::spawn_blocking(move || {
+        span.in_scope(|| {
+            let mut timings = Timings::default();
+            let result = save_task_timed(&task, store.as_ref(), blobs.as_ref(), &mut timings);
+            (result, timings)
+        })
+    })
+    .await
+    .map_err(|join| format!("the save panicked: {join}"))
+}
+
+/// Carries out a settle decision that ends this delivery.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    ctx: &Context,
+    span: &Span,
+    delivery: Delivery,
+    task: Option<&SaveTask>,
+    format: &'static str,
+    attempt: u32,
+    settle: Settle,
+    headers: &Headers,
+) {
+    match settle {
+        Settle::Ack => {
+            if let Err(e) = delivery.ack().await {
+                tracing::warn!(error = %e, "ack failed; the redelivery will find the saved file");
+            }
+            if let Some(task) = task {
+                remove_blob(ctx, task);
+            }
+        }
+        Settle::Requeue | Settle::RetryAfter(_) => requeue_later(ctx, delivery).await,
+        Settle::Park { reason, kind } => {
+            if let Some(task) = task {
+                tracing::error!(job_id = %task.job_id, index = task.image_index, attempt, error = %reason, "[Image Save] Job {}: image {} failed for good", task.job_id, task.image_index);
+                fail(ctx, span, format, kind, &reason);
+                report_failure(ctx, task, &reason, attempt, true, headers).await;
+            } else {
+                fail(ctx, span, format, kind, &reason);
+            }
+            // The blob stays with a parked task, so it can be replayed; the sweep removes it
+            // after --blob-ttl.
+            park(ctx, delivery, &reason, kind).await;
         }
     }
 }
 
 /// "outer: inner: innermost", so the event says what actually went wrong.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -295,7 +441,7 @@ async fn park(ctx: &Context, delivery: Delivery, reason: &str, kind: &'static st
 
 /// Gives the task back after a pause, so a broker outage does not become a hot loop.
 async fn requeue_later(ctx: &Context, delivery: Delivery) {
-    tokio::time::sleep(ctx.config.backoff(1)).await;
+    tokio::time::sleep(ctx.config.policy().backoff(1)).await;
     if let Err(e) = delivery.requeue().await {
         tracing::warn!(error = %e, "requeue failed; the broker redelivers when the channel closes");
     }

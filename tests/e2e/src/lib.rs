@@ -412,3 +412,42 @@ impl Stack {
         self.status.stop().await;
     }
 }
+
+/// Builds the saver binary (cargo reuses what `cargo test` built) and returns its path.
+pub fn saver_binary() -> std::path::PathBuf {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "luna-saver",
+            "--bin",
+            "luna-saver",
+        ])
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building luna-saver failed");
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/pipeline-<hash> -> target/<profile>/luna-saver
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("luna-saver")
+}
+
+/// Starts the saver binary on the env's broker namespace and output root, two slots.
+pub fn spawn_saver(bin: &std::path::Path, env: &Env) -> std::process::Child {
+    std::process::Command::new(bin)
+        .env("LUNA_AMQP_URL", &env.url)
+        .env("LUNA_AMQP_PREFIX", &env.prefix)
+        .env("LUNA_OUTPUT_ROOT", env.output.path())
+        .env("LUNA_LISTEN", "127.0.0.1:0")
+        .env("LUNA_MIN_WORKERS", "2")
+        .env("LUNA_MAX_WORKERS", "2")
+        .env(
+            "RUST_LOG",
+            std::env::var("LUNA_TEST_SAVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .spawn()
+        .expect("start luna-saver")
+}

@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use luna_e2e::{Env, count, files, submit, test_image};
+use luna_e2e::{Env, count, files, saver_binary, spawn_saver, submit, test_image};
 use luna_job::{EventKind, ImageFormat, QualityGate, SaveRequest};
 
 const LONG: Duration = Duration::from_secs(120);
@@ -427,41 +427,6 @@ async fn without_a_broker_the_gateway_answers_503_quickly() {
     assert_eq!(ready.status().as_u16(), 503);
     gateway.stop().await;
     env.cleanup().await;
-}
-
-/// Builds the saver binary (cargo reuses what `cargo test` built) and returns its path.
-fn saver_binary() -> std::path::PathBuf {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "luna-saver",
-            "--bin",
-            "luna-saver",
-        ])
-        .status()
-        .expect("cargo build");
-    assert!(status.success(), "building luna-saver failed");
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/pipeline-<hash> -> target/<profile>/luna-saver
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("luna-saver")
-}
-
-fn spawn_saver(bin: &std::path::Path, env: &Env) -> std::process::Child {
-    std::process::Command::new(bin)
-        .env("LUNA_AMQP_URL", &env.url)
-        .env("LUNA_AMQP_PREFIX", &env.prefix)
-        .env("LUNA_OUTPUT_ROOT", env.output.path())
-        .env("LUNA_LISTEN", "127.0.0.1:0")
-        .env("LUNA_MIN_WORKERS", "2")
-        .env("LUNA_MAX_WORKERS", "2")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("start luna-saver")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
