@@ -17,6 +17,11 @@ pub const RESERVED_METADATA_KEYS: [&str; 3] = ["prompt", "parameters", "luna_job
 /// Longest template accepted, in bytes.
 pub const MAX_TEMPLATE_LEN: usize = 1024;
 
+/// Longest model name accepted, in bytes. The model tokens copy it into the rendered path, once
+/// per token, so without a bound a large name is multiplied by the template before any check
+/// on the rendered path can refuse it.
+pub const MAX_MODEL_NAME_LEN: usize = 1024;
+
 /// Longest affix accepted, in bytes.
 pub const MAX_AFFIX_LEN: usize = 128;
 
@@ -155,11 +160,15 @@ impl SaveTask {
 }
 
 fn options_problems(o: &SaveOptions, out: &mut Vec<Problem>) {
-    for (field, value) in [("save_path", &o.save_path), ("filename", &o.filename)] {
-        if value.len() > MAX_TEMPLATE_LEN {
+    for (field, value, max) in [
+        ("save_path", &o.save_path, MAX_TEMPLATE_LEN),
+        ("filename", &o.filename, MAX_TEMPLATE_LEN),
+        ("model_name", &o.model_name, MAX_MODEL_NAME_LEN),
+    ] {
+        if value.len() > max {
             out.push(Problem::new(
                 field,
-                format!("is {} bytes long; at most {MAX_TEMPLATE_LEN}", value.len()),
+                format!("is {} bytes long; at most {max}", value.len()),
             ));
         }
     }

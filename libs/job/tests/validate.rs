@@ -157,3 +157,24 @@ fn batch_fields_are_consistent() {
         ["images[0].batch_index is 3; allowed 0 to 1 for batch_size 2"]
     );
 }
+
+#[test]
+fn model_name_is_bounded_because_templates_copy_it() {
+    // Every `%model_path%` of a template copies the whole model name: unbounded, a 100 MB name
+    // under a hundred such tokens renders gigabytes in the gateway before any path check.
+    let limit = luna_job::validate::MAX_MODEL_NAME_LEN;
+    let request = |len: usize| SaveRequest {
+        model_name: "m".repeat(len),
+        save_path: "%model_path%".repeat(80),
+        images: vec![image(1, 1, 3)],
+        ..Default::default()
+    };
+    assert!(problems(&request(limit)).is_empty());
+    assert_eq!(
+        problems(&request(limit + 1)),
+        [format!(
+            "model_name is {} bytes long; at most {limit}",
+            limit + 1
+        )]
+    );
+}
