@@ -60,19 +60,15 @@ pub enum StoreError {
 
 impl StoreError {
     /// True when trying again later may succeed: disks fill and empty, permissions get fixed,
-    /// a read-only mount comes back, and a busy image is finished by its other writer. A
-    /// symlink or a name the file system cannot hold stays as it is.
+    /// a read-only mount comes back, a file in the way is moved, and a busy image is finished by
+    /// its other writer. A symlink or a name the file system cannot hold stays as it is.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Io { source, .. } => !matches!(
                 source
                     .raw_os_error()
                     .map(rustix::io::Errno::from_raw_os_error),
-                Some(
-                    rustix::io::Errno::NAMETOOLONG
-                        | rustix::io::Errno::LOOP
-                        | rustix::io::Errno::NOTDIR
-                )
+                Some(rustix::io::Errno::NAMETOOLONG | rustix::io::Errno::LOOP)
             ),
             Self::Busy => true,
             Self::Unsafe { .. } | Self::NamesExhausted { .. } => false,

@@ -154,17 +154,25 @@ impl Dir {
         Ok(Self { fd, path })
     }
 
-    /// Why `name` could not be opened as a folder: a symlink, or not a folder.
+    /// Why `name` could not be opened as a folder: a symlink (refused for good), or something
+    /// else in the way (which an operator may move, so it is worth retrying).
     fn refusal(&self, name: &str, path: PathBuf) -> StoreError {
         let symlink = rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW)
             .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink);
-        StoreError::Unsafe {
-            path,
-            reason: if symlink {
-                "is a symbolic link; nothing below the output root is reached through one"
-            } else {
-                "is in the way: it is not a folder"
-            },
+        if symlink {
+            StoreError::Unsafe {
+                path,
+                reason: "is a symbolic link; nothing below the output root is reached through one",
+            }
+        } else {
+            StoreError::Io {
+                action: "create folder",
+                path,
+                source: io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "something that is not a folder is in the way",
+                ),
+            }
         }
     }
 
