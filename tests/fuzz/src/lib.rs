@@ -17,7 +17,7 @@ use luna_imaging::template::{self as tpl, PathError, TemplateContext};
 use luna_job::codec::{from_json, from_msgpack, to_json, to_msgpack};
 use luna_job::{ImageFormat, ImageInput, JobId, Limits, SaveRequest, SaveTask};
 use luna_store::Placement;
-use luna_store::placement::{DISCARDED_DIR, MAX_STEM_LEN};
+use luna_store::placement::{DISCARDED_DIR, MAX_COMPONENT_LEN, MAX_PATH_LEN, MAX_STEM_LEN};
 
 /// One fuzz target; its name is the folder of its corpus under `fuzz/corpus/` and the name
 /// of its binary under `fuzz/fuzz_targets/`.
@@ -274,6 +274,13 @@ fn check_placement(p: &Placement) {
         path.split('/').all(|c| !matches!(c, "" | "." | "..")),
         "relative path {path:?}"
     );
+    // Every name the file system will be asked for fits it, the longest suffix included.
+    assert!(path.len() < MAX_PATH_LEN, "path of {} bytes", path.len());
+    assert!(
+        p.file_name(99_999).len() <= MAX_COMPONENT_LEN,
+        "file name {:?}",
+        p.file_name(99_999)
+    );
     assert_eq!(
         p.discarded().dirs.last().map(String::as_str),
         Some(DISCARDED_DIR)
@@ -284,6 +291,11 @@ fn check_placement(p: &Placement) {
 fn check_component(c: &str) {
     assert!(!matches!(c, "" | "." | ".."), "component {c:?}");
     assert!(!c.contains('/'), "component {c:?} has a separator");
+    assert!(
+        c.len() <= MAX_COMPONENT_LEN,
+        "component of {} bytes",
+        c.len()
+    );
     assert_eq!(tpl::sanitize(c), c, "component {c:?} has unsafe characters");
 }
 
