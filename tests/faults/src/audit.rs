@@ -149,7 +149,7 @@ pub fn tally(audit: &Audit, subs: &[Submission]) -> Tally {
 
 /// True when every image of every accepted submission has a file.
 pub fn all_saved(audit: &Audit, subs: &[Submission]) -> bool {
-    subs.iter().filter(|s| s.accepted().is_some()).all(|s| {
-        (0..s.images as u32).all(|k| audit.images.contains_key(&(s.sub, k)))
-    })
+    subs.iter()
+        .filter(|s| s.accepted().is_some())
+        .all(|s| (0..s.images as u32).all(|k| audit.images.contains_key(&(s.sub, k))))
 }

@@ -3,6 +3,8 @@
 //! `cargo test --workspace` builds them into the same target directory. When one is missing (a
 //! run of this crate alone), or `LUNA_FAULTS_BUILD=1` asks for it (to be sure they are fresh),
 //! they are built once with `cargo build`, in the profile of the test executable.
+//! `LUNA_FAULTS_BIN_DIR` points at another folder holding them instead (to audit binaries
+//! kept aside, when several checkouts share one target directory).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -42,6 +44,13 @@ static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
 /// # Errors
 /// When the binaries are missing and `cargo build` fails.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("LUNA_FAULTS_BIN_DIR") {
+        let path = PathBuf::from(dir).join(name);
+        if !path.exists() {
+            bail!("LUNA_FAULTS_BIN_DIR has no {name}: {}", path.display());
+        }
+        return Ok(path);
+    }
     let dir = profile_dir()?;
     let missing = BINARIES.iter().any(|(bin, _)| !dir.join(bin).exists());
     let forced = std::env::var_os("LUNA_FAULTS_BUILD").is_some_and(|v| v == "1");

@@ -156,7 +156,13 @@ pub async fn delete_prefix(url: &str, prefix: &str) -> anyhow::Result<()> {
 /// When `rabbitmqctl` cannot list connections.
 pub fn close_connections(ports: &[u16]) -> anyhow::Result<usize> {
     let out = Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "name", "--no-table-headers"])
+        .args([
+            "-q",
+            "list_connections",
+            "pid",
+            "name",
+            "--no-table-headers",
+        ])
         .output()
         .context("running rabbitmqctl list_connections")?;
     if !out.status.success() {
@@ -166,21 +172,30 @@ pub fn close_connections(ports: &[u16]) -> anyhow::Result<usize> {
         );
     }
     let mut closed = 0;
-    for name in String::from_utf8_lossy(&out.stdout).lines().map(str::trim) {
-        // "127.0.0.1:54321 -> 127.0.0.1:5672"
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "<rabbit@host.1.2345.0>\t127.0.0.1:54321 -> 127.0.0.1:5672"
+        let Some((pid, name)) = line.trim().split_once('\t') else {
+            continue;
+        };
         let Some(port) = name
             .split(" -> ")
             .next()
             .and_then(|from| from.rsplit(':').next())
-            .and_then(|p| p.parse::<u16>().ok())
+            .and_then(|p| p.trim().parse::<u16>().ok())
         else {
             continue;
         };
         if !ports.contains(&port) {
             continue;
         }
+        // close_connection takes the connection's Erlang pid, not its name.
         let status = Command::new("rabbitmqctl")
-            .args(["-q", "close_connection", name, "fault suite: forced close"])
+            .args([
+                "-q",
+                "close_connection",
+                pid.trim(),
+                "fault suite: forced close",
+            ])
             .status()
             .context("running rabbitmqctl close_connection")?;
         if status.success() {

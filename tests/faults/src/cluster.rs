@@ -46,9 +46,7 @@ impl Node {
     /// SIGKILL of the node's VM: it dies as a machine would.
     pub fn kill(&mut self) {
         if let Some(pid) = self.os_pid() {
-            let _ = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

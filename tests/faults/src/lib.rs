@@ -52,7 +52,9 @@ where
     F: FnOnce(Scenario) -> Fut,
     Fut: Future<Output = anyhow::Result<Row>>,
 {
-    let _serial = SUITE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = SUITE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()

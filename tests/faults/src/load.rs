@@ -171,12 +171,13 @@ async fn client(
         return;
     };
     let url = format!("{gateway}/v1/jobs");
+    let base = gradient(spec.width, spec.height);
     for _ in 0..spec.jobs_per_client {
         if spec.run_for.is_some_and(|d| started.elapsed() > d) {
             break;
         }
         let sub = counter.fetch_add(1, Ordering::Relaxed);
-        let (content_type, body) = request_body(spec, sub);
+        let (content_type, body) = request_body(spec, &base, sub);
         let key = uuid::Uuid::new_v4().to_string();
         let slot = {
             let mut all = lock(subs);
@@ -250,25 +251,35 @@ async fn client(
     }
 }
 
-/// The pixels of image `k` of submission `sub`: a gradient whose first 12 bytes are `sub`
-/// (8 bytes, little endian) and `k` (4 bytes), so every image is unique and names itself.
-pub fn pixels(width: u32, height: u32, sub: u64, k: u32) -> Vec<u8> {
+/// A gradient of `width` x `height` RGB pixels, computed once per client.
+fn gradient(width: u32, height: u32) -> Vec<u8> {
     let (w, h) = (width as usize, height as usize);
     let mut px = Vec::with_capacity(w * h * 3);
     for y in 0..h {
         for x in 0..w {
-            px.extend_from_slice(&[(x * 255 / w) as u8, (y * 255 / h) as u8, ((x ^ y) & 0xff) as u8]);
+            px.extend_from_slice(&[
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                ((x ^ y) & 0xff) as u8,
+            ]);
         }
     }
+    px
+}
+
+/// The pixels of image `k` of submission `sub`: the gradient with `sub` (8 bytes, little
+/// endian) and `k` (4 bytes) in its first 12 bytes, so every image is unique and names itself.
+pub fn pixels(base: &[u8], sub: u64, k: u32) -> Vec<u8> {
+    let mut px = base.to_vec();
     px[..8].copy_from_slice(&sub.to_le_bytes());
     px[8..12].copy_from_slice(&k.to_le_bytes());
     px
 }
 
 /// The request for submission `sub`: JSON for even numbers, MessagePack for odd ones.
-pub fn request_body(spec: &LoadSpec, sub: u64) -> (&'static str, Vec<u8>) {
+pub fn request_body(spec: &LoadSpec, base: &[u8], sub: u64) -> (&'static str, Vec<u8>) {
     let images: Vec<(u32, Vec<u8>)> = (0..spec.images_per_job as u32)
-        .map(|k| (k, pixels(spec.width, spec.height, sub, k)))
+        .map(|k| (k, pixels(base, sub, k)))
         .collect();
     if sub.is_multiple_of(2) {
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -337,7 +348,9 @@ pub fn max_answer(subs: &[Submission]) -> Duration {
 pub fn answers_summary(subs: &[Submission]) -> String {
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for a in subs.iter().flat_map(|s| &s.attempts) {
-        let key = a.status.map_or_else(|| "none".to_owned(), |s| s.to_string());
+        let key = a
+            .status
+            .map_or_else(|| "none".to_owned(), |s| s.to_string());
         *counts.entry(key).or_default() += 1;
     }
     counts

@@ -129,7 +129,11 @@ impl Proc {
                 return Ok(());
             }
             if !self.alive() {
-                bail!("{} exited before {url} answered:\n{}", self.role, self.log_tail());
+                bail!(
+                    "{} exited before {url} answered:\n{}",
+                    self.role,
+                    self.log_tail()
+                );
             }
             if Instant::now() > deadline {
                 bail!(

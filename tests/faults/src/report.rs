@@ -77,16 +77,26 @@ impl Row {
 const HEADER: &str = "| scenario | fault | accepted | saved | lost | dup | partial | half jobs | orphans | temp | outside | parked | not completed | max POST | recovery | conns before/after | RSS MiB before/after (peak) | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
 
 fn line(r: &Row) -> String {
-    let recovery = r
-        .recovery_ms
-        .map_or_else(|| "never".to_owned(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+    let recovery = r.recovery_ms.map_or_else(
+        || "never".to_owned(),
+        |ms| format!("{:.1} s", ms as f64 / 1000.0),
+    );
     let peak = r
         .rss_peak_mib
         .map_or_else(String::new, |p| format!(" ({p:.0})"));
     let verdict = if r.failed.is_empty() {
         "ok".to_owned()
     } else {
-        format!("FAIL: {}", r.failed.join("; "))
+        // The full texts are in the JSON report and the test's panic message.
+        let short: Vec<String> = r
+            .failed
+            .iter()
+            .map(|f| match f.char_indices().nth(60) {
+                Some((i, _)) => format!("{}...", &f[..i]),
+                None => f.clone(),
+            })
+            .collect();
+        format!("FAIL: {}", short.join("; "))
     };
     format!(
         "| {} | {} | {}/{} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ms | {} | {}/{} | {:.0}/{:.0}{} | {} |\n",

@@ -75,7 +75,10 @@ impl Scenario {
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&logs)?;
         let prefix = format!("f{}", uuid::Uuid::new_v4().simple());
-        eprintln!("scenario {name}: prefix {prefix}, logs in {}", logs.display());
+        eprintln!(
+            "scenario {name}: prefix {prefix}, logs in {}",
+            logs.display()
+        );
         Ok(Self {
             name: name.to_owned(),
             prefix,
@@ -309,7 +312,10 @@ impl Scenario {
         }
         row.check(t.accepted > 0, "no submission was accepted at all");
         row.check(t.lost == 0, format!("{} images lost", t.lost));
-        row.check(t.duplicated == 0, format!("{} duplicate files", t.duplicated));
+        row.check(
+            t.duplicated == 0,
+            format!("{} duplicate files", t.duplicated),
+        );
         row.check(
             t.partial == 0,
             format!("{} partial or wrong files: {:?}", t.partial, audit.partial),
@@ -340,7 +346,10 @@ impl Scenario {
         if status.is_some() {
             row.check(
                 row.not_completed == 0,
-                format!("{} accepted jobs not completed on status", row.not_completed),
+                format!(
+                    "{} accepted jobs not completed on status",
+                    row.not_completed
+                ),
             );
         }
         Ok(audit)
