@@ -11,8 +11,15 @@ use luna_faults::proxy::{Mode, Proxy};
 use luna_faults::scenario::{BROKER_TIMEOUT, Checks};
 use luna_faults::{Row, Scenario, audit, broker, cluster, run};
 
-/// Most resident memory a service may reach under the 50-client load, MiB.
-const MAX_RSS_MIB: f64 = 512.0;
+/// Most resident memory a service may reach under the 50-client load, MiB:
+/// `LUNA_FAULTS_MAX_RSS_MIB`, 384 by default (today's unbounded code peaks near 400-500 with
+/// this load; set the figure to the budget the product's defaults promise).
+fn max_rss_mib() -> f64 {
+    std::env::var("LUNA_FAULTS_MAX_RSS_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(384.0)
+}
 
 /// How long the audit waits for accepted work to land after the last fault.
 const DRAIN: Duration = Duration::from_secs(45);
@@ -592,9 +599,10 @@ fn luna_up_50_clients() {
         row.rss_after_mib = rss_mib(&[&up]);
         sc.audit_into(&mut row, &subs, Some(&status), Checks::All)
             .await?;
+        let bound = max_rss_mib();
         row.check(
-            peak <= MAX_RSS_MIB,
-            format!("luna up peaked at {peak:.0} MiB (bound {MAX_RSS_MIB:.0})"),
+            peak <= bound,
+            format!("luna up peaked at {peak:.0} MiB (bound {bound:.0})"),
         );
         row.note("known finding 8: the in-process queue is unbounded");
         Ok(row)
@@ -625,9 +633,10 @@ fn gateway_50_clients() {
         after(&mut row, &p, Duration::from_secs(1)).await;
         sc.audit_into(&mut row, &subs, Some(&p.status_url()), Checks::All)
             .await?;
+        let bound = max_rss_mib();
         row.check(
-            peak <= MAX_RSS_MIB,
-            format!("the gateway peaked at {peak:.0} MiB (bound {MAX_RSS_MIB:.0})"),
+            peak <= bound,
+            format!("the gateway peaked at {peak:.0} MiB (bound {bound:.0})"),
         );
         row.note("known finding 8: request bodies held without a cap");
         Ok(row)
@@ -655,12 +664,27 @@ fn cluster_node_killed() {
             .collect();
         // Audited through node 2, which stays up.
         sc.use_broker(urls.join(","), nodes.nodes[1].url());
-        let status = sc.status(&proxies[0], &[]).await?;
-        let gateway = sc.gateway(&proxies[0], &[]).await?;
-        let savers = [
-            sc.saver(&proxies[0], 0, &[]).await?,
-            sc.saver(&proxies[0], 1, &[]).await?,
-        ];
+        let started = async {
+            let status = sc.status(&proxies[0], &[]).await?;
+            let gateway = sc.gateway(&proxies[0], &[]).await?;
+            let savers = [
+                sc.saver(&proxies[0], 0, &[]).await?,
+                sc.saver(&proxies[0], 1, &[]).await?,
+            ];
+            anyhow::Ok((status, gateway, savers))
+        };
+        let (status, gateway, savers) = match started.await {
+            Ok(started) => started,
+            Err(e) => {
+                let why = format!("{e:#}");
+                let why: String = why.chars().take(400).collect();
+                row.check(
+                    false,
+                    format!("the services do not run on the cluster: {why}"),
+                );
+                return Ok(row);
+            }
+        };
         let conns = || proxies.iter().map(Proxy::live).sum::<usize>();
         row.conns_before = conns();
         let mut all = vec![&gateway, &status];
