@@ -69,10 +69,15 @@ fn intact(path: &Path, sub: u64, k: u32) -> bool {
     raw.len() >= 12 && raw[..8] == sub.to_le_bytes() && raw[8..12] == k.to_le_bytes()
 }
 
-/// Audits every file under `root` (the whole output root, so stray files anywhere count).
+/// Audits every file under `root` (the whole output root, so stray files anywhere count),
+/// except the store's own state folder `.luna` (the submission ledger of keyed jobs).
 pub fn scan(root: &Path) -> Audit {
     let mut audit = Audit::default();
+    let state = root.join(".luna");
     for (path, meta) in walk(root) {
+        if path.starts_with(&state) && !meta.file_type().is_symlink() {
+            continue;
+        }
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
