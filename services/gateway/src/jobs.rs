@@ -72,7 +72,6 @@ async fn accept(
     trace: &Headers,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let started = Instant::now();
-    authorize(state, headers)?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(format!(
@@ -167,34 +166,18 @@ fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// 429 when `luna up`'s bounded queue is full, 503 when the broker cannot take more; both
+/// with `Retry-After`.
 fn unavailable(job_id: &JobId, e: &QueueError) -> ApiError {
     tracing::warn!(%job_id, error = %e, "publishing failed");
-    ApiError::unavailable(format!(
-        "the message broker is unavailable ({e}); nothing was saved, try again"
-    ))
-}
-
-/// Checks `Authorization: Bearer <token>` when a token is configured.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = state.config.token.as_deref() else {
-        return Ok(());
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token",
-        ))
+    match e {
+        QueueError::Full { .. } => {
+            ApiError::queue_full(format!("{e}; slow down and try again after Retry-After"))
+        }
+        _ => ApiError::unavailable(format!(
+            "the message broker is unavailable ({e}); nothing was saved, try again"
+        )),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn decode(headers: &HeaderMap, body: &[u8]) -> Result<SaveRequest, ApiError> {
