@@ -135,7 +135,7 @@ async fn a_full_in_process_queue_is_a_429_with_retry_after() {
 #[tokio::test]
 async fn memory_stays_bounded_under_50_concurrent_clients() {
     const CLIENTS: usize = 50;
-    const POSTS_PER_CLIENT: usize = 1;
+    const POSTS_PER_CLIENT: usize = 4;
     const QUEUED_MIB: u64 = 64;
     const INFLIGHT_MIB: u64 = 32;
     let output = tempfile::tempdir().expect("tempdir");
@@ -154,21 +154,24 @@ async fn memory_stays_bounded_under_50_concurrent_clients() {
     let client = reqwest::Client::new();
     let body = std::sync::Arc::new(job(1024)); // 3 MiB of pixels per job
     let started = Instant::now();
-    let clients = (0..CLIENTS).map(|_| {
-        let (client, gateway, body) = (client.clone(), daemon.gateway.clone(), body.clone());
-        tokio::spawn(async move {
-            let mut statuses = Vec::new();
-            for _ in 0..POSTS_PER_CLIENT {
-                let (status, retry_after) = post(&client, &gateway, body.to_vec()).await;
-                if matches!(status, 429 | 503) {
-                    let seconds = retry_after.expect("every 429 and 503 says when to retry");
-                    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    // Spawned all at once (collected), so the uploads really are concurrent.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (client, gateway, body) = (client.clone(), daemon.gateway.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..POSTS_PER_CLIENT {
+                    let (status, retry_after) = post(&client, &gateway, body.to_vec()).await;
+                    if matches!(status, 429 | 503) {
+                        let seconds = retry_after.expect("every 429 and 503 says when to retry");
+                        tokio::time::sleep(Duration::from_secs(seconds)).await;
+                    }
+                    statuses.push(status);
                 }
-                statuses.push(status);
-            }
-            statuses
+                statuses
+            })
         })
-    });
+        .collect();
     let mut statuses = Vec::new();
     for client in clients {
         statuses.extend(client.await.expect("client"));

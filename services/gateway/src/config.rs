@@ -44,8 +44,8 @@ pub struct Config {
     pub max_body_bytes: u64,
 
     /// Most bytes of request bodies held at once, over all requests being read or published.
-    /// A request that would go beyond is answered 503 with Retry-After (before its body is
-    /// read when it declares its length). Peak memory is about 4 times this (decoding and
+    /// A request that would go beyond is answered 503 with Retry-After; its body is not kept
+    /// (a client sending `Expect: 100-continue` is answered before it sends it). Peak memory is about 4 times this (decoding and
     /// task encoding copy the pixels), so the default of 1 GiB keeps the gateway near 4 GiB.
     #[arg(long, env = "LUNA_MAX_INFLIGHT_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_inflight_bytes: u64,

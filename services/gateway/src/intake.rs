@@ -166,11 +166,23 @@ async fn buffer(state: &AppState, request: Request) -> Result<(Request, Share), 
             budget.limit()
         )));
     }
-    let mut share = Share::take(budget, declared.unwrap_or(0)).ok_or_else(busy)?;
+    // A client that sent `Expect: 100-continue` waits for our go-ahead, so a refusal reaches
+    // it before it sends the body. Any other is already sending: closing on it would reset the
+    // connection and lose the answer, so its body is read and thrown away, holding nothing.
+    let waits_for_go_ahead = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let mut chunks = body.into_data_stream();
+    let Some(mut share) = Share::take(budget, declared.unwrap_or(0)) else {
+        if !waits_for_go_ahead {
+            discard(&mut chunks, max_body).await;
+        }
+        return Err(busy());
+    };
 
     let capacity = usize::try_from(declared.unwrap_or(0)).unwrap_or(0);
     let mut buf: Vec<u8> = Vec::with_capacity(capacity);
-    let mut chunks = body.into_data_stream();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk
             .map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
@@ -179,12 +191,25 @@ async fn buffer(state: &AppState, request: Request) -> Result<(Request, Share), 
             return Err(too_large("is"));
         }
         if !share.grow_to(total) {
+            drop(buf);
+            discard(&mut chunks, max_body).await;
             return Err(busy());
         }
         buf.extend_from_slice(&chunk);
     }
     let body = Body::from(Bytes::from(buf));
     Ok((Request::from_parts(parts, body), share))
+}
+
+/// Reads the rest of a refused body without keeping it, up to `limit` bytes.
+async fn discard(chunks: &mut axum::body::BodyDataStream, limit: u64) {
+    let mut seen = 0u64;
+    while let Some(Ok(chunk)) = chunks.next().await {
+        seen += chunk.len() as u64;
+        if seen > limit {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

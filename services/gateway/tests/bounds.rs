@@ -160,9 +160,26 @@ async fn bodies_held_at_once_are_bounded_and_the_rest_answered_503_with_retry_af
     .await;
     wait_for_inflight(&state, declared).await;
 
-    // A second one announcing as much does not fit: refused before its body is read.
-    let mut second = post_head(addr, &format!("content-length: {declared}\r\n"), b"").await;
+    // A second one announcing as much does not fit. Waiting for `100 Continue`, it is
+    // refused before it sends its body.
+    let mut second = post_head(
+        addr,
+        &format!("content-length: {declared}\r\nexpect: 100-continue\r\n"),
+        b"",
+    )
+    .await;
     let answer = read_answer(&mut second).await;
+    assert_eq!(answer.status, 503, "{}", answer.head);
+    assert_eq!(answer.header("retry-after"), Some("1"), "{}", answer.head);
+    // Sending its body at once, it gets the same answer (the body is read and thrown away,
+    // so the connection is not reset under it).
+    let mut eager = post_head(
+        addr,
+        &format!("content-length: {declared}\r\n"),
+        &vec![0u8; declared as usize],
+    )
+    .await;
+    let answer = read_answer(&mut eager).await;
     assert_eq!(answer.status, 503, "{}", answer.head);
     assert_eq!(answer.header("retry-after"), Some("1"), "{}", answer.head);
 
@@ -171,7 +188,12 @@ async fn bodies_held_at_once_are_bounded_and_the_rest_answered_503_with_retry_af
     let mut chunked = post_head(
         addr,
         "transfer-encoding: chunked\r\n",
-        &[format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat(),
+        &[
+            format!("{:x}\r\n", chunk.len()).as_bytes(),
+            &chunk,
+            b"\r\n0\r\n\r\n",
+        ]
+        .concat(),
     )
     .await;
     let answer = read_answer(&mut chunked).await;

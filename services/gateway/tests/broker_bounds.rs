@@ -151,7 +151,7 @@ fn peak_rss_mib(pid: u32) -> Option<u64> {
 #[tokio::test]
 async fn gateway_memory_stays_bounded_under_50_concurrent_clients() {
     const CLIENTS: usize = 50;
-    const POSTS_PER_CLIENT: usize = 1;
+    const POSTS_PER_CLIENT: usize = 2;
     const INFLIGHT: u64 = 32 * 1024 * 1024;
     let prefix = prefix();
     let mut args = BrokerArgs::new(amqp_url(), prefix.clone());
@@ -203,33 +203,36 @@ async fn gateway_memory_stays_bounded_under_50_concurrent_clients() {
 
     let body = axum::body::Bytes::from(job(1024, 1024)); // 3 MiB of pixels
     let started = Instant::now();
-    let clients = (0..CLIENTS).map(|_| {
-        let (client, url, body) = (client.clone(), url.clone(), body.clone());
-        tokio::spawn(async move {
-            let mut statuses = Vec::new();
-            for _ in 0..POSTS_PER_CLIENT {
-                let response = client
-                    .post(format!("{url}/v1/jobs"))
-                    .header("content-type", "application/msgpack")
-                    .body(body.clone())
-                    .send()
-                    .await
-                    .expect("the gateway answers");
-                let status = response.status().as_u16();
-                let retry_after = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                if matches!(status, 429 | 503) {
-                    let seconds = retry_after.expect("every 429 and 503 says when to retry");
-                    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    // Spawned all at once (collected), so the uploads really are concurrent.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..POSTS_PER_CLIENT {
+                    let response = client
+                        .post(format!("{url}/v1/jobs"))
+                        .header("content-type", "application/msgpack")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .expect("the gateway answers");
+                    let status = response.status().as_u16();
+                    let retry_after = response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    if matches!(status, 429 | 503) {
+                        let seconds = retry_after.expect("every 429 and 503 says when to retry");
+                        tokio::time::sleep(Duration::from_secs(seconds)).await;
+                    }
+                    statuses.push(status);
                 }
-                statuses.push(status);
-            }
-            statuses
+                statuses
+            })
         })
-    });
+        .collect();
     let mut statuses = Vec::new();
     for client in clients {
         statuses.extend(client.await.expect("client"));
