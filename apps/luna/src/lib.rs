@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use luna_queue::{AmqpConfig, Broker};
+use luna_queue::{AmqpConfig, Broker, MemoryBounds, MemoryBroker};
 use luna_telemetry::LogFormat;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,25 @@ pub struct UpArgs {
     /// Require `Authorization: Bearer <token>` on gateway and status.
     #[arg(long, env = "LUNA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+
+    /// Require `Authorization: Bearer <token>` on `/metrics` of every role; none: open.
+    #[arg(long, env = "LUNA_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
+    /// Most tasks held (waiting or being saved) in the in-process queue, 256 by default;
+    /// beyond, POST /v1/jobs answers 429 with Retry-After. With --amqp-url: the task queue's
+    /// length limit (none by default; beyond, 503).
+    #[arg(long, env = "LUNA_MAX_QUEUED_TASKS")]
+    pub max_queued_tasks: Option<u64>,
+
+    /// Most bytes of tasks held in the in-process queue, 1 GiB by default; as
+    /// --max-queued-tasks.
+    #[arg(long, env = "LUNA_MAX_QUEUED_BYTES")]
+    pub max_queued_bytes: Option<u64>,
+
+    /// Most bytes of request bodies the gateway holds at once; beyond, 503 with Retry-After.
+    #[arg(long, env = "LUNA_MAX_INFLIGHT_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_inflight_bytes: u64,
 
     /// Shared directory for frames over the inline limit (only matters with --amqp-url).
     #[arg(long, env = "LUNA_BLOB_DIR")]
@@ -121,14 +140,29 @@ pub async fn up(
 ) -> anyhow::Result<()> {
     let (broker, mode) = match &args.amqp_url {
         Some(url) => {
-            let broker = Broker::new(AmqpConfig::new(url, &args.amqp_prefix))
-                .context("configuring the broker")?;
+            let mut config = AmqpConfig::new(url, &args.amqp_prefix);
+            config.topology.max_length = args.max_queued_tasks;
+            config.topology.max_length_bytes = args.max_queued_bytes;
+            let broker = Broker::new(config).context("configuring the broker")?;
             (broker, format!("RabbitMQ, prefix {}", args.amqp_prefix))
         }
-        None => (
-            Broker::in_process(),
-            "in-process queue, no broker".to_owned(),
-        ),
+        None => {
+            let defaults = MemoryBounds::default();
+            let bounds = MemoryBounds {
+                max_tasks: args.max_queued_tasks.map_or(defaults.max_tasks, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                }),
+                max_bytes: args.max_queued_bytes.unwrap_or(defaults.max_bytes),
+            };
+            (
+                Broker::Memory(MemoryBroker::bounded(10, bounds)),
+                format!(
+                    "in-process queue of at most {} tasks and {} MiB, no broker",
+                    bounds.max_tasks,
+                    bounds.max_bytes / (1024 * 1024)
+                ),
+            )
+        }
     };
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr).await.with_context(|| {
@@ -144,6 +178,8 @@ pub async fn up(
     gateway_cfg.token.clone_from(&args.token);
     gateway_cfg.blob_dir.clone_from(&args.blob_dir);
     gateway_cfg.max_images = args.max_images;
+    gateway_cfg.max_inflight_bytes = args.max_inflight_bytes;
+    gateway_cfg.metrics_token.clone_from(&args.metrics_token);
     if args.amqp_url.is_none() {
         // In process, a task is never serialised onto a wire: no inline limit applies.
         gateway_cfg.max_inline_bytes = u64::MAX;
@@ -157,9 +193,11 @@ pub async fn up(
     saver_cfg.shutdown_grace = args.shutdown_grace;
     saver_cfg.max_attempts = args.max_attempts;
     saver_cfg.retry_backoff = args.retry_backoff;
+    saver_cfg.metrics_token.clone_from(&args.metrics_token);
     let mut status_cfg =
         luna_status::Config::new(args.amqp_url.clone().unwrap_or_default(), &args.amqp_prefix);
     status_cfg.token.clone_from(&args.token);
+    status_cfg.metrics_token.clone_from(&args.metrics_token);
 
     let output = std::fs::create_dir_all(&args.output_root)
         .and_then(|()| args.output_root.canonicalize())

@@ -21,6 +21,16 @@ pub struct BrokerArgs {
     /// How long to wait for the broker (connect, confirm) before giving up on it.
     #[arg(long, env = "LUNA_BROKER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub broker_timeout: Duration,
+
+    /// Most tasks waiting in the task queue; beyond, publishes are refused and the gateway
+    /// answers 503 with Retry-After. A queue argument: every service must be given the same
+    /// value, and an existing queue without it refuses it (use a policy there; see docs).
+    #[arg(long, env = "LUNA_MAX_QUEUED_TASKS")]
+    pub max_queued_tasks: Option<u64>,
+
+    /// Most bytes of tasks waiting in the task queue; as --max-queued-tasks.
+    #[arg(long, env = "LUNA_MAX_QUEUED_BYTES")]
+    pub max_queued_bytes: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -30,6 +40,8 @@ impl BrokerArgs {
             amqp_url: url.into(),
             amqp_prefix: prefix.into(),
             broker_timeout: Duration::from_secs(5),
+            max_queued_tasks: None,
+            max_queued_bytes: None,
         }
     }
 
@@ -37,6 +49,8 @@ impl BrokerArgs {
     pub fn config(&self) -> AmqpConfig {
         let mut config = AmqpConfig::new(&self.amqp_url, &self.amqp_prefix);
         config.timeout = self.broker_timeout;
+        config.topology.max_length = self.max_queued_tasks;
+        config.topology.max_length_bytes = self.max_queued_bytes;
         config
     }
 }
@@ -54,6 +68,8 @@ impl std::fmt::Debug for BrokerArgs {
             .field("amqp_url", &redact_url(&self.amqp_url))
             .field("amqp_prefix", &self.amqp_prefix)
             .field("broker_timeout", &self.broker_timeout)
+            .field("max_queued_tasks", &self.max_queued_tasks)
+            .field("max_queued_bytes", &self.max_queued_bytes)
             .finish()
     }
 }

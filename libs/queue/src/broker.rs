@@ -215,10 +215,7 @@ impl Broker {
                     .instrument(span.clone())
                     .await
             }
-            Self::Memory(b) => {
-                b.publish_task_bytes(body, &id, &headers);
-                Ok(())
-            }
+            Self::Memory(b) => b.publish_task_bytes(body, &id, &headers),
         };
         finish(&span, &result);
         result

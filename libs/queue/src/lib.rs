@@ -32,7 +32,7 @@ use std::time::Duration;
 pub use amqp::AmqpConfig;
 pub use args::BrokerArgs;
 pub use broker::{Broker, Delivery, EventStream, TaskLabel, TaskStream, event_message_id};
-pub use memory::MemoryBroker;
+pub use memory::{MemoryBounds, MemoryBroker};
 pub use topology::Topology;
 
 /// String headers of a message.
@@ -42,7 +42,7 @@ pub type Headers = BTreeMap<String, String>;
 pub const PARK_REASON_HEADER: &str = "x-luna-park-reason";
 
 /// Errors talking to the broker. All of them mean "the broker cannot take this right now";
-/// callers answer 503 or leave the delivery for redelivery.
+/// callers answer 503 (429 for [`QueueError::Full`]) or leave the delivery for redelivery.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("broker connection or channel failed")]
@@ -53,8 +53,15 @@ pub enum QueueError {
     CreatePool(#[from] deadpool_lapin::CreatePoolError),
     #[error("broker did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("broker refused the message (nack)")]
+    /// With a length limit on the task queue (`--max-queued-tasks`, `--max-queued-bytes`, or a
+    /// policy), this is how RabbitMQ says the queue is full (`x-overflow: reject-publish`).
+    #[error("broker refused the message (nack); the task queue may be full")]
     Nacked,
+    /// The in-process queue holds as many tasks or bytes as it may.
+    #[error(
+        "the in-process task queue is full ({tasks} tasks, {bytes} bytes waiting or being saved)"
+    )]
+    Full { tasks: usize, bytes: u64 },
     #[error("no queue is bound for routing key {0:?}; is the topology declared?")]
     Unroutable(String),
     #[error("failed to encode the message")]
@@ -69,6 +76,7 @@ impl QueueError {
             Self::Pool(_) | Self::CreatePool(_) => "connection",
             Self::Timeout(_) => "timeout",
             Self::Nacked => "nacked",
+            Self::Full { .. } => "full",
             Self::Unroutable(_) => "unroutable",
             Self::Encode(_) => "encode",
         }

@@ -6,6 +6,12 @@
 //! more than the delivery limit is parked. Events fan out to every subscriber; a subscriber that
 //! falls too far behind loses the oldest events rather than slowing publishers. Everything lives
 //! in memory: queued tasks are lost if the process dies (files already written stay written).
+//!
+//! The queue is bounded ([`MemoryBounds`]) by tasks and by bytes, counting both waiting tasks
+//! and tasks delivered but not yet settled (both are held in memory). A publish beyond either
+//! bound fails with [`QueueError::Full`] at once, so the gateway answers 429 instead of the
+//! process growing with the backlog. A returned or redelivered task is never refused: it is
+//! already counted.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,10 +41,42 @@ pub struct ParkedMessage {
     pub headers: Headers,
 }
 
+/// How much the in-process queue may hold: tasks waiting plus tasks being saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBounds {
+    /// Most tasks held.
+    pub max_tasks: usize,
+    /// Most bytes of encoded tasks held. A task larger than this alone is still taken when the
+    /// queue holds nothing else, so a single large frame is never refused for ever.
+    pub max_bytes: u64,
+}
+
+impl MemoryBounds {
+    /// No bound (tests that want the old behaviour).
+    pub const UNBOUNDED: Self = Self {
+        max_tasks: usize::MAX,
+        max_bytes: u64::MAX,
+    };
+}
+
+impl Default for MemoryBounds {
+    /// Sized for `luna up` on a 2-core, 24 GB machine: 2 to 4 save slots work through a few
+    /// images a second, so 256 tasks are a minute or more of work, and 1 GiB is 40 4K RGB frames.
+    fn default() -> Self {
+        Self {
+            max_tasks: 256,
+            max_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queues {
     ready: VecDeque<Message>,
     parked: Vec<ParkedMessage>,
+    /// Tasks ready or delivered and not yet settled, and their bytes.
+    held_tasks: usize,
+    held_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -47,6 +85,7 @@ struct Inner {
     ready: Notify,
     events: broadcast::Sender<(Arc<Vec<u8>>, Headers)>,
     delivery_limit: u32,
+    bounds: MemoryBounds,
 }
 
 /// The in-process broker; cheap to clone.
@@ -62,8 +101,14 @@ impl Default for MemoryBroker {
 }
 
 impl MemoryBroker {
-    /// A broker that parks a task on its `delivery_limit + 1`-th delivery.
+    /// A broker that parks a task on its `delivery_limit + 1`-th delivery, with the default
+    /// [`MemoryBounds`].
     pub fn new(delivery_limit: u32) -> Self {
+        Self::bounded(delivery_limit, MemoryBounds::default())
+    }
+
+    /// A broker that holds at most `bounds`.
+    pub fn bounded(delivery_limit: u32, bounds: MemoryBounds) -> Self {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Self {
             inner: Arc::new(Inner {
@@ -71,8 +116,13 @@ impl MemoryBroker {
                 ready: Notify::new(),
                 events,
                 delivery_limit,
+                bounds,
             }),
         }
+    }
+
+    pub fn bounds(&self) -> MemoryBounds {
+        self.inner.bounds
     }
 
     fn queues(&self) -> MutexGuard<'_, Queues> {
@@ -84,7 +134,32 @@ impl MemoryBroker {
     }
 
     /// Queues an encoded task.
-    pub fn publish_task_bytes(&self, body: &[u8], message_id: &str, headers: &Headers) {
+    ///
+    /// # Errors
+    /// [`QueueError::Full`] when the task does not fit the bounds; nothing is queued then.
+    pub fn publish_task_bytes(
+        &self,
+        body: &[u8],
+        message_id: &str,
+        headers: &Headers,
+    ) -> Result<(), QueueError> {
+        let size = body.len() as u64;
+        {
+            let mut queues = self.queues();
+            let bounds = self.inner.bounds;
+            let fits = queues.held_tasks == 0
+                || (queues.held_tasks < bounds.max_tasks
+                    && queues.held_bytes.saturating_add(size) <= bounds.max_bytes);
+            if !fits {
+                return Err(QueueError::Full {
+                    tasks: queues.held_tasks,
+                    bytes: queues.held_bytes,
+                });
+            }
+            // Counted before the copy is made, so concurrent publishers cannot overshoot.
+            queues.held_tasks += 1;
+            queues.held_bytes += size;
+        }
         let message = Message {
             body: Arc::new(body.to_vec()),
             message_id: message_id.to_owned(),
@@ -93,6 +168,20 @@ impl MemoryBroker {
         };
         self.queues().ready.push_back(message);
         self.inner.ready.notify_one();
+        Ok(())
+    }
+
+    /// Tasks held (waiting or being saved) and their bytes.
+    pub fn held(&self) -> (usize, u64) {
+        let queues = self.queues();
+        (queues.held_tasks, queues.held_bytes)
+    }
+
+    /// A task left the queue for good (acknowledged or parked).
+    fn release(&self, message: &Message) {
+        let mut queues = self.queues();
+        queues.held_tasks = queues.held_tasks.saturating_sub(1);
+        queues.held_bytes = queues.held_bytes.saturating_sub(message.body.len() as u64);
     }
 
     /// Sends an event to every subscriber.
@@ -146,6 +235,7 @@ impl MemoryBroker {
     }
 
     fn park(&self, message: Message) {
+        self.release(&message);
         let body = Arc::unwrap_or_clone(message.body);
         self.queues().parked.push(ParkedMessage {
             body,
@@ -222,7 +312,9 @@ impl MemoryDelivery {
     }
 
     pub fn ack(mut self) {
-        self.message = None;
+        if let Some(message) = self.message.take() {
+            self.broker.release(&message);
+        }
     }
 
     pub fn requeue(mut self) {
@@ -283,8 +375,12 @@ mod tests {
     #[tokio::test]
     async fn deliveries_are_settled_explicitly() {
         let broker = MemoryBroker::new(2);
-        broker.publish_task_bytes(b"a", "a", &Headers::new());
-        broker.publish_task_bytes(b"b", "b", &Headers::new());
+        broker
+            .publish_task_bytes(b"a", "a", &Headers::new())
+            .expect("room");
+        broker
+            .publish_task_bytes(b"b", "b", &Headers::new())
+            .expect("room");
         let mut stream = broker.consume_tasks();
         let first = stream.next().await.expect("some").expect("ok");
         assert_eq!(first.body(), b"a");
@@ -304,12 +400,72 @@ mod tests {
     #[tokio::test]
     async fn the_delivery_limit_parks_a_task_that_keeps_coming_back() {
         let broker = MemoryBroker::new(2);
-        broker.publish_task_bytes(b"crashy", "crashy", &Headers::new());
+        broker
+            .publish_task_bytes(b"crashy", "crashy", &Headers::new())
+            .expect("room");
         let mut stream = broker.consume_tasks();
         for _ in 0..3 {
             stream.next().await.expect("some").expect("ok").requeue();
         }
         assert_eq!(broker.task_queue_depth(), 0);
         assert!(broker.parked()[0].headers[PARK_REASON_HEADER].contains("delivery limit"));
+    }
+
+    fn bounded(max_tasks: usize, max_bytes: u64) -> MemoryBroker {
+        MemoryBroker::bounded(
+            10,
+            MemoryBounds {
+                max_tasks,
+                max_bytes,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_until_a_task_is_settled() {
+        let broker = bounded(2, u64::MAX);
+        let none = Headers::new();
+        broker.publish_task_bytes(b"a", "a", &none).expect("room");
+        broker.publish_task_bytes(b"b", "b", &none).expect("room");
+        let full = broker.publish_task_bytes(b"c", "c", &none);
+        assert!(
+            matches!(full, Err(QueueError::Full { tasks: 2, bytes: 2 })),
+            "{full:?}"
+        );
+        // Being saved still counts: the task is still in memory.
+        let mut stream = broker.consume_tasks();
+        let a = stream.next().await.expect("some").expect("ok");
+        assert!(broker.publish_task_bytes(b"c", "c", &none).is_err());
+        // Returned unsettled, it is taken back even though the queue is full.
+        drop(a);
+        assert_eq!((broker.task_queue_depth(), broker.held()), (2, (2, 2)));
+        stream.next().await.expect("some").expect("ok").ack();
+        broker
+            .publish_task_bytes(b"c", "c", &none)
+            .expect("room again");
+        stream.next().await.expect("some").expect("ok").park("bad");
+        assert_eq!(broker.held(), (1, 1), "parked tasks leave the bound");
+    }
+
+    #[test]
+    fn bytes_are_bounded_too_but_one_large_task_always_fits_an_empty_queue() {
+        let broker = bounded(100, 10);
+        let none = Headers::new();
+        broker
+            .publish_task_bytes(&[0; 6], "a", &none)
+            .expect("room");
+        assert!(matches!(
+            broker.publish_task_bytes(&[0; 5], "b", &none),
+            Err(QueueError::Full { tasks: 1, bytes: 6 })
+        ));
+        broker
+            .publish_task_bytes(&[0; 4], "b", &none)
+            .expect("exactly full");
+
+        let empty = bounded(100, 10);
+        empty
+            .publish_task_bytes(&[0; 50], "big", &none)
+            .expect("alone, a task larger than the bound is taken");
+        assert!(empty.publish_task_bytes(&[0; 1], "more", &none).is_err());
     }
 }

@@ -10,6 +10,14 @@
 //! Declaration is idempotent: every process declares what it uses at start-up with the same
 //! arguments, so services can start in any order. Changing a queue argument (for example the
 //! delivery limit) on an existing queue is refused by RabbitMQ; use a policy for that instead.
+//!
+//! The task queue overflows with `reject-publish`: once it holds its length limit, RabbitMQ
+//! nacks further publishes and the gateway answers 503 with `Retry-After`. The limit is opt-in
+//! ([`Topology::max_length`], [`Topology::max_length_bytes`]) because it is a queue argument:
+//! a queue declared before it existed, or with another value, refuses the declaration. For
+//! such a queue (or to change the limit later), set it as a policy instead, which RabbitMQ
+//! applies to existing queues:
+//! `rabbitmqctl set_policy luna-save-bounds '^luna\.save$' '{"max-length-bytes":4294967296}' --apply-to queues`.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -27,6 +35,10 @@ pub struct Topology {
     /// Deliveries after which RabbitMQ itself dead-letters a task (a safety net for tasks that
     /// crash savers; savers park a task themselves, with a reason, before this is reached).
     pub delivery_limit: u32,
+    /// Most ready tasks in the task queue (`x-max-length`); none: no limit of ours.
+    pub max_length: Option<u64>,
+    /// Most bytes of ready task bodies in the task queue (`x-max-length-bytes`).
+    pub max_length_bytes: Option<u64>,
 }
 
 impl Topology {
@@ -34,6 +46,8 @@ impl Topology {
         Self {
             prefix: prefix.into(),
             delivery_limit: 10,
+            max_length: None,
+            max_length_bytes: None,
         }
     }
 
@@ -116,7 +130,15 @@ impl Topology {
         );
         // At-least-once dead-lettering: a parked task is never lost between the two queues.
         args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+        // Beyond a length limit (an argument here, or a policy), publishes are nacked: the
+        // gateway answers 503 instead of RabbitMQ dropping the oldest tasks.
         args.insert("x-overflow".into(), long("reject-publish"));
+        if let Some(n) = self.max_length {
+            args.insert("x-max-length".into(), long_long(n));
+        }
+        if let Some(n) = self.max_length_bytes {
+            args.insert("x-max-length-bytes".into(), long_long(n));
+        }
         channel
             .queue_declare(self.task_queue().into(), durable_queue, args)
             .await?;
@@ -135,6 +157,10 @@ impl Topology {
 
 fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
+}
+
+fn long_long(n: u64) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 fn quorum() -> FieldTable {

@@ -26,9 +26,14 @@ pub struct Config {
     #[arg(long, env = "LUNA_BLOB_DIR")]
     pub blob_dir: Option<PathBuf>,
 
-    /// Require `Authorization: Bearer <token>` on the API.
+    /// Require `Authorization: Bearer <token>` on the API (the scheme in any letter case). It is
+    /// checked before a byte of the body is read.
     #[arg(long, env = "LUNA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+
+    /// Require `Authorization: Bearer <token>` on `/metrics`; none means `/metrics` is open.
+    #[arg(long, env = "LUNA_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 
     /// Most images in one job.
     #[arg(long, env = "LUNA_MAX_IMAGES", default_value_t = 16)]
@@ -37,6 +42,13 @@ pub struct Config {
     /// Largest request body, in bytes.
     #[arg(long, env = "LUNA_MAX_BODY_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_body_bytes: u64,
+
+    /// Most bytes of request bodies held at once, over all requests being read or published.
+    /// A request that would go beyond is answered 503 with Retry-After; its body is not kept
+    /// (a client sending `Expect: 100-continue` is answered before it sends it). Peak memory is about 4 times this (decoding and
+    /// task encoding copy the pixels), so the default of 1 GiB keeps the gateway near 4 GiB.
+    #[arg(long, env = "LUNA_MAX_INFLIGHT_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_inflight_bytes: u64,
 
     /// Largest image, in pixels (width x height).
     #[arg(long, env = "LUNA_MAX_PIXELS", default_value_t = 64 * 1024 * 1024)]

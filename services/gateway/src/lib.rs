@@ -6,10 +6,16 @@
 //! inline go through the claim-check blob store. When the broker is down or blocked the gateway
 //! answers 503 within its timeout instead of hanging.
 //!
+//! Bounds: the token is checked before a byte of the body is read (the shared `luna-http`
+//! layer), and request bodies share one byte budget (`--max-inflight-bytes`): a request beyond
+//! it is answered 503 with `Retry-After` instead of growing the gateway. A full queue is a 429
+//! (in process) or a 503 (the broker refuses), both with `Retry-After`.
+//!
 //! # Layout
 //! - [`Config`]: flags and `LUNA_*` environment variables.
 //! - [`router`]: the HTTP API, kept apart from [`run`] so tests drive it without a socket.
 //! - [`error`]: `ApiError`, the JSON error answer that never leaks internals.
+//! - `intake`: the body byte budget, read before the handler runs.
 //! - `metrics`: requests, jobs, published tasks and publish-confirm latency, served as
 //!   Prometheus text on `GET /metrics`.
 //!
@@ -18,6 +24,7 @@
 
 pub mod config;
 pub mod error;
+mod intake;
 mod jobs;
 mod metrics;
 
@@ -26,8 +33,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::middleware;
 use axum::routing::{get, post};
+use luna_http::BearerAuth;
 use luna_queue::Broker;
 use luna_store::BlobStore;
 use luna_telemetry::Registry;
@@ -45,6 +53,8 @@ pub struct AppState {
     /// What `/metrics` shows: the process registry, or a private one in tests.
     pub registry: Registry,
     metrics: Arc<metrics::Metrics>,
+    /// Bytes of request bodies held at once (`--max-inflight-bytes`).
+    budget: Arc<intake::ByteBudget>,
 }
 
 impl AppState {
@@ -65,6 +75,7 @@ impl AppState {
         let registry = Registry::shared();
         Self {
             broker,
+            budget: intake::ByteBudget::new(config.max_inflight_bytes),
             config: Arc::new(config),
             blobs,
             metrics: Arc::new(metrics::Metrics::new(&registry)),
@@ -73,14 +84,39 @@ impl AppState {
     }
 }
 
-/// The HTTP API.
+impl AppState {
+    /// Bytes of request bodies held right now, against `--max-inflight-bytes`.
+    pub fn inflight_bytes(&self) -> u64 {
+        self.budget.held()
+    }
+}
+
+/// The HTTP API. On `POST /v1/jobs` the token is checked first, from the headers alone; then
+/// the body is read within the byte budget; then the handler runs.
 pub fn router(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
+    let non_empty = |t: &Option<String>| t.clone().filter(|t| !t.is_empty());
+    let token = non_empty(&state.config.token);
+    let metrics_token = non_empty(&state.config.metrics_token);
+    // The last layer added runs first.
+    let submit = post(jobs::submit)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            intake::read_body,
+        ))
+        .layer(BearerAuth::new(token.as_deref()))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            intake::count_refusal,
+        ));
+    let metrics = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route_layer(BearerAuth::new(metrics_token.as_deref()));
     Router::new()
-        .route("/v1/jobs", post(jobs::submit))
+        .route("/v1/jobs", submit)
+        .merge(metrics)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -93,10 +129,7 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
     if state.broker.is_ready().await {
         Ok("ready")
     } else {
-        Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "broker unavailable",
-        ))
+        Err(ApiError::unavailable("broker unavailable"))
     }
 }
 

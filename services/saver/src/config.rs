@@ -74,6 +74,10 @@ pub struct Config {
     #[arg(long, env = "LUNA_BLOB_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub blob_ttl: Duration,
 
+    /// Bearer token required on `/metrics`; none means `/metrics` is open.
+    #[arg(long, env = "LUNA_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
     /// Log line format.
     #[arg(long, env = "LUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,

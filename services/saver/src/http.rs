@@ -4,15 +4,23 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use luna_http::BearerAuth;
 
 use crate::Context;
 use crate::metrics::Live;
 
+/// The probes are always open; `/metrics` needs `--metrics-token` when one is set.
 pub fn router(ctx: Context) -> Router {
+    let metrics_token = ctx
+        .config
+        .metrics_token
+        .as_deref()
+        .filter(|t| !t.is_empty());
     Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(BearerAuth::new(metrics_token))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(ctx)
 }
 
@@ -29,5 +37,51 @@ async fn readyz(State(ctx): State<Context>) -> (StatusCode, &'static str) {
             StatusCode::SERVICE_UNAVAILABLE,
             "not consuming tasks (broker unavailable?)",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, header};
+    use luna_queue::Broker;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::Config;
+
+    async fn status(ctx: &Context, uri: &str, auth: Option<&str>) -> StatusCode {
+        let mut request = Request::get(uri);
+        if let Some(auth) = auth {
+            request = request.header(header::AUTHORIZATION, auth);
+        }
+        router(ctx.clone())
+            .oneshot(request.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible")
+            .status()
+    }
+
+    #[tokio::test]
+    async fn metrics_need_the_metrics_token_when_one_is_set() {
+        let open = Context::with_broker(Config::defaults(), Broker::in_process());
+        assert_eq!(status(&open, "/metrics", None).await, StatusCode::OK);
+
+        let mut config = Config::defaults();
+        config.metrics_token = Some("scrape".into());
+        let guarded = Context::with_broker(config, Broker::in_process());
+        assert_eq!(
+            status(&guarded, "/metrics", None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            status(&guarded, "/metrics", Some("Bearer scrap")).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            status(&guarded, "/metrics", Some("bearer scrape")).await,
+            StatusCode::OK
+        );
+        assert_eq!(status(&guarded, "/healthz", None).await, StatusCode::OK);
     }
 }

@@ -26,6 +26,11 @@ pub struct Config {
     #[arg(long, env = "LUNA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    /// Bearer token required on `/metrics`; none means `/metrics` is open (--token does not
+    /// cover it, so a scraper needs no access to jobs).
+    #[arg(long, env = "LUNA_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
     /// How long a job is remembered (for GET and replay) after its last event.
     #[arg(long, env = "LUNA_JOB_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub job_ttl: Duration,
@@ -46,6 +51,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 19284)),
             broker: luna_queue::BrokerArgs::new(amqp_url, amqp_prefix),
             token: None,
+            metrics_token: None,
             job_ttl: Duration::from_secs(3600),
             max_jobs: 10_000,
             log_format: LogFormat::Human,
@@ -60,6 +66,10 @@ impl fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("broker", &self.broker)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "metrics_token",
+                &self.metrics_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("job_ttl", &self.job_ttl)
             .field("max_jobs", &self.max_jobs)
             .field("log_format", &self.log_format)
@@ -94,9 +104,10 @@ mod tests {
     fn debug_hides_secrets() {
         let mut cfg = Config::new("amqp://luna:hunter2@broker:5672/%2f", "luna");
         cfg.token = Some("s3cret".into());
+        cfg.metrics_token = Some("scrape-me".into());
         let shown = format!("{cfg:?}");
         assert!(
-            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            !shown.contains("hunter2") && !shown.contains("s3cret") && !shown.contains("scrape-me"),
             "{shown}"
         );
         assert!(shown.contains("amqp://luna:***@broker:5672/%2f"), "{shown}");

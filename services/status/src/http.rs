@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use luna_http::BearerAuth;
 use luna_job::JobId;
 use luna_queue::Broker;
 use luna_telemetry::Registry;
@@ -41,6 +41,8 @@ struct Shared {
     /// without one this instance silently misses events.
     subscribed: AtomicBool,
     token: Option<String>,
+    /// Required on `/metrics` when set (scrapers get their own secret).
+    metrics_token: Option<String>,
     /// Cancelled on shutdown, so open WebSockets close with "going away" instead of hanging.
     shutdown: CancellationToken,
     /// What `/metrics` shows: the process registry, or a private one in tests.
@@ -49,8 +51,14 @@ struct Shared {
 }
 
 impl AppState {
-    /// State for [`router`]. `token`, when set, is required on every route but the probes.
-    pub fn new(hub: Hub, broker: Broker, token: Option<String>) -> Self {
+    /// State for [`router`]. `token`, when set, is required on every route but the probes and
+    /// `/metrics`; `metrics_token`, when set, is required on `/metrics`.
+    pub fn new(
+        hub: Hub,
+        broker: Broker,
+        token: Option<String>,
+        metrics_token: Option<String>,
+    ) -> Self {
         let registry = Registry::shared();
         let inner = Arc::new_cyclic(|me: &std::sync::Weak<Shared>| {
             // Weak: the gauge must not keep the state (and its hub) alive.
@@ -63,6 +71,7 @@ impl AppState {
                 broker,
                 subscribed: AtomicBool::new(false),
                 token,
+                metrics_token,
                 shutdown: CancellationToken::new(),
                 registry,
                 metrics,
@@ -104,10 +113,6 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error(
-        "missing or wrong token: send `Authorization: Bearer <token>` (WebSocket clients may use `?token=<token>`)"
-    )]
-    Unauthorized,
-    #[error(
         "no job {0} is known here: it may be older than the job TTL, or was submitted before this status service started"
     )]
     UnknownJob(JobId),
@@ -124,7 +129,6 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::UnknownJob(_) | Self::NoRoute => StatusCode::NOT_FOUND,
             Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upgrade { status, .. } => *status,
@@ -135,13 +139,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(serde_json::json!({ "error": self.to_string() }));
-        let mut response = (self.status(), body).into_response();
-        if matches!(self, Self::Unauthorized) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
+        (self.status(), body).into_response()
     }
 }
 
@@ -164,24 +162,26 @@ impl From<WebSocketUpgradeRejection> for ApiError {
 }
 
 /// All routes. The probes are never behind the token, so orchestrators can call them without
-/// holding a secret; they reveal nothing about jobs.
+/// holding a secret; they reveal nothing about jobs. `/metrics` needs the metrics token when
+/// one is set.
 pub fn router(state: AppState) -> Router {
+    let token = BearerAuth::new(state.inner.token.as_deref());
     let api = Router::new()
         .route("/v1/jobs/{id}", get(get_job))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(token.clone());
     // Browsers cannot set headers on a WebSocket handshake, hence the query-parameter token
     // here and only here (URLs end up in logs more easily than headers do).
     let websocket = Router::new()
         .route("/ws", get(websocket))
         .route("/", get(websocket))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_token_or_query,
-        ));
+        .route_layer(token.or_query_token());
+    let metrics = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route_layer(BearerAuth::new(state.inner.metrics_token.as_deref()));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+        .merge(metrics)
         .merge(api)
         .merge(websocket)
         .fallback(|| async { ApiError::NoRoute })
@@ -247,71 +247,12 @@ async fn websocket(
         }))
 }
 
-async fn require_token(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    check_token(&state, &request, false)?;
-    Ok(next.run(request).await)
-}
-
-async fn require_token_or_query(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    check_token(&state, &request, true)?;
-    Ok(next.run(request).await)
-}
-
-#[derive(Debug, Deserialize)]
-struct TokenParam {
-    token: Option<String>,
-}
-
-fn check_token(state: &AppState, request: &Request, allow_query: bool) -> Result<(), ApiError> {
-    let Some(expected) = state.inner.token.as_deref() else {
-        return Ok(());
-    };
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    if bearer.is_some_and(|t| constant_time_eq(t, expected)) {
-        return Ok(());
-    }
-    if allow_query {
-        let query = Query::<TokenParam>::try_from_uri(request.uri()).ok();
-        if query
-            .and_then(|Query(p)| p.token)
-            .is_some_and(|t| constant_time_eq(&t, expected))
-        {
-            return Ok(());
-        }
-    }
-    Err(ApiError::Unauthorized)
-}
-
-/// Compares without stopping at the first differing byte, so response time does not tell an
-/// attacker how much of a guessed token was right.
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use axum::body::{Body, to_bytes};
-    use axum::http::Request;
+    use axum::http::{Request, header};
     use luna_job::{Event, EventKind};
     use luna_queue::AmqpConfig;
     use tower::ServiceExt;
@@ -324,7 +265,12 @@ mod tests {
         let broker = Broker::new(AmqpConfig::new("amqp://127.0.0.1:1/%2f", "router-test"))
             .expect("lazy broker");
         let hub = Hub::new(JobTable::new(Duration::from_secs(60), 10), 8);
-        AppState::new(hub, broker, token.map(str::to_owned))
+        AppState::new(
+            hub,
+            broker,
+            token.map(str::to_owned),
+            Some("scrape".to_owned()),
+        )
     }
 
     async fn call(
@@ -442,10 +388,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn constant_time_eq_compares_whole_strings() {
-        assert!(constant_time_eq("abc", "abc"));
-        assert!(!constant_time_eq("abc", "abd"));
-        assert!(!constant_time_eq("abc", "ab"));
+    #[tokio::test]
+    async fn every_route_shares_one_auth_layer() {
+        let state = state(Some("s3cret"));
+        // The scheme in any letter case, for the API and the WebSocket handshake alike.
+        let (status, _) = call(&state, "/v1/jobs/j1", Some("bEARER s3cret")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "authorised, then unknown");
+        let (status, _) = call(&state, "/v1/jobs/j1", Some("Bearer s3cre")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "a prefix of the token");
+        // `/metrics` takes its own token, not the API's.
+        let (status, _) = call(&state, "/metrics", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = call(&state, "/metrics", Some("Bearer s3cret")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = call(&state, "/metrics", Some("bearer scrape")).await;
+        assert_eq!(status, StatusCode::OK);
     }
 }

@@ -85,7 +85,8 @@ pub async fn run_with_broker(
     let hub = Hub::new(JobTable::new(cfg.job_ttl, max_jobs), SUBSCRIBER_QUEUE);
     // An empty LUNA_TOKEN (a blank line in a compose file) means no token, not the token "".
     let token = cfg.token.clone().filter(|t| !t.is_empty());
-    let state = AppState::new(hub, broker, token.clone());
+    let metrics_token = cfg.metrics_token.clone().filter(|t| !t.is_empty());
+    let state = AppState::new(hub, broker, token.clone(), metrics_token);
     let cancel = state.shutdown_token();
 
     let tracker = TaskTracker::new();
