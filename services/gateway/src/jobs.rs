@@ -163,7 +163,7 @@ fn count(n: usize) -> u32 {
 }
 
 /// Publishes `save_job_queued`, then every task, counting in `sent` the tasks handed to the
-/// broker (confirmed or not: an unconfirmed one may still be queued).
+/// broker and not refused by it (confirmed or not: an unconfirmed one may still be queued).
 ///
 /// The queued event goes first: status then sees it before any outcome of the job, so a
 /// subscriber always gets queued -> outcomes -> completed.
@@ -188,7 +188,16 @@ async fn publish_job(
     let publishes = bodies.iter().map(|(label, body)| async move {
         let publish_started = Instant::now();
         sent.fetch_add(1, Ordering::Relaxed);
-        state.broker.publish_task_bytes(body, label, trace).await?;
+        if let Err(e) = state.broker.publish_task_bytes(body, label, trace).await {
+            // A refusal is certain: that task is not queued. A lost confirm may still be.
+            if matches!(
+                e,
+                QueueError::Full { .. } | QueueError::Nacked | QueueError::Unroutable(_)
+            ) {
+                sent.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(e);
+        }
         state
             .metrics
             .publish_took("task", publish_started.elapsed());
