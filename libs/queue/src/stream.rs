@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use luna_job::Event;
@@ -141,12 +142,28 @@ impl EventLogReader {
         let limit = config.timeout;
         let connection = connect(config, connection_name).await?;
         let opened = async {
-            let channel = bounded(limit, connection.create_channel()).await?;
-            bounded(
-                limit,
-                config.topology.declare_events_stream(&channel, retention),
-            )
-            .await?;
+            let topology = &config.topology;
+            let mut channel = bounded(limit, connection.create_channel()).await?;
+            let declared =
+                bounded(limit, topology.declare_events_stream(&channel, retention)).await;
+            match declared {
+                Ok(()) => {}
+                Err(error) if is_precondition_failed(&error) => {
+                    // Another instance, or an earlier start, declared it with other flags. The
+                    // stream it has is still the one to read; refusing would leave this
+                    // instance blind until someone deletes the stream and its history.
+                    tracing::warn!(
+                        stream = %topology.events_stream(),
+                        error = %error_text(&error),
+                        "the events stream exists with another retention; reading it as it is \
+                         (change retention with a policy)"
+                    );
+                    // The refused declaration closed the channel.
+                    channel = bounded(limit, connection.create_channel()).await?;
+                    bounded(limit, topology.bind_existing_events_stream(&channel)).await?;
+                }
+                Err(error) => return Err(error),
+            }
             bounded(
                 limit,
                 channel.basic_qos(STREAM_PREFETCH, BasicQosOptions::default()),
@@ -208,6 +225,25 @@ impl EventLogReader {
             self.connection.close(200, "reader stopped".into()),
         )
         .await;
+    }
+}
+
+/// Whether the broker refused a declaration as inequivalent to what exists.
+fn is_precondition_failed(error: &QueueError) -> bool {
+    let QueueError::Broker(error) = error else {
+        return false;
+    };
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    )
+}
+
+fn error_text(error: &QueueError) -> String {
+    match error {
+        QueueError::Broker(inner) => inner.to_string(),
+        other => other.to_string(),
     }
 }
 

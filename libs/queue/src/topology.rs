@@ -62,8 +62,9 @@ impl Topology {
     /// Declares the events exchange and the events stream bound to it with `#`.
     ///
     /// RabbitMQ compares the arguments of a redeclaration; a stream declared earlier with
-    /// another retention makes this fail with `406 PRECONDITION_FAILED` (change retention with
-    /// a policy instead, see `docs/protocol.md`).
+    /// another retention makes this fail with `406 PRECONDITION_FAILED` and closes the channel
+    /// (see [`Self::bind_existing_events_stream`]; retention of an existing stream is changed
+    /// with a policy, see `docs/protocol.md`).
     ///
     /// # Errors
     /// [`QueueError::Broker`], for example when the stream exists with other arguments.
@@ -93,6 +94,29 @@ impl Topology {
                 retention.arguments(),
             )
             .await?;
+        self.bind_events_stream(channel).await
+    }
+
+    /// Binds the events stream, which must exist already (as declared, whatever its
+    /// retention), to the events exchange.
+    ///
+    /// # Errors
+    /// [`QueueError::Broker`] when the stream does not exist (404) or the broker fails.
+    pub async fn bind_existing_events_stream(&self, channel: &Channel) -> Result<(), QueueError> {
+        channel
+            .queue_declare(
+                self.events_stream().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        self.bind_events_stream(channel).await
+    }
+
+    async fn bind_events_stream(&self, channel: &Channel) -> Result<(), QueueError> {
         channel
             .queue_bind(
                 self.events_stream().into(),

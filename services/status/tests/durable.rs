@@ -137,7 +137,10 @@ struct Instance {
 
 impl Instance {
     async fn start(url: &str, prefix: &str) -> Self {
-        let cfg = Config::new(url, prefix);
+        Self::start_with(Config::new(url, prefix)).await
+    }
+
+    async fn start_with(cfg: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -346,14 +349,18 @@ async fn no_event_is_lost_when_the_broker_connection_is_cut() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_instance_sees_every_event_even_one_started_late() {
+async fn every_instance_sees_every_event_even_one_started_late_with_other_flags() {
     with_broker(|prefix, broker| async move {
         let early = Instance::start(&amqp_url(), &prefix).await;
         let mut jobs = Vec::new();
         for _ in 0..10 {
             jobs.push(publish_job(&broker).await);
         }
-        let late = Instance::start(&amqp_url(), &prefix).await;
+        // Configured with another retention than the stream was declared with: it reads the
+        // stream as it is rather than refusing to start.
+        let mut cfg = Config::new(amqp_url(), &prefix);
+        cfg.events_max_age = Duration::from_secs(48 * 3600);
+        let late = Instance::start_with(cfg).await;
         for _ in 0..10 {
             jobs.push(publish_job(&broker).await);
         }
