@@ -136,6 +136,10 @@ impl Hub {
 
 impl Inner {
     fn fan_out(&mut self, event: &Event) {
+        // Rebuilding the table at start-up records many events nobody listens to yet.
+        if self.subscribers.is_empty() {
+            return;
+        }
         let Some(frame) = frame(event) else { return };
         self.subscribers.retain(|slot| {
             if slot.tx.is_closed() {
