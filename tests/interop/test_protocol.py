@@ -86,7 +86,8 @@ def delete_topology(prefix):
     """Deletes every queue and exchange of `prefix`; a channel error only loses that step."""
     conn = amqp_connection()
     try:
-        steps = [("queue", f"{prefix}.save"), ("queue", f"{prefix}.parked")]
+        steps = [("queue", f"{prefix}.save"), ("queue", f"{prefix}.parked"),
+                 ("queue", f"{prefix}.events.log")]
         steps += [("exchange", f"{prefix}.{n}") for n in ("tasks", "events", "parked")]
         for kind, name in steps:
             ch = conn.channel()

@@ -376,7 +376,7 @@ impl AmqpBroker {
         let t = &self.inner.topology;
         let channel = self.open_channel().await?;
         let limit = self.inner.timeout;
-        for queue in [t.task_queue(), t.parked_queue()] {
+        for queue in [t.task_queue(), t.parked_queue(), t.events_stream()] {
             bounded(
                 limit,
                 channel.queue_delete(queue.into(), QueueDeleteOptions::default()),

@@ -10,6 +10,7 @@
 //! - [`broker`]: [`Broker`], the handle services use, over either backend.
 //! - [`amqp`]: the RabbitMQ backend (lapin with automatic recovery, deadpool-lapin pooling,
 //!   publisher confirms under timeouts).
+//! - [`stream`]: the events log, a RabbitMQ stream every status instance reads from an offset.
 //! - [`memory`]: the in-process backend of `luna up`: same settling, retry and parking
 //!   semantics, no durability.
 //!
@@ -24,6 +25,7 @@ pub mod amqp;
 pub mod args;
 pub mod broker;
 pub mod memory;
+pub mod stream;
 pub mod topology;
 
 use std::collections::BTreeMap;
@@ -33,7 +35,8 @@ pub use amqp::AmqpConfig;
 pub use args::BrokerArgs;
 pub use broker::{Broker, Delivery, EventStream, TaskLabel, TaskStream, event_message_id};
 pub use memory::{MemoryBounds, MemoryBroker};
-pub use topology::Topology;
+pub use stream::{EventLogReader, StreamError, StreamEvent, StreamStart};
+pub use topology::{EventRetention, Topology};
 
 /// String headers of a message.
 pub type Headers = BTreeMap<String, String>;

@@ -3,7 +3,7 @@
 //! ```text
 //! <p>.tasks   direct exchange ──"save"──▶ <p>.save    quorum queue, delivery limit,
 //!                                                      dead-letters to <p>.parked
-//! <p>.events  topic exchange  ──"#"────▶ one queue per status instance
+//! <p>.events  topic exchange  ──"#"────▶ <p>.events.log  stream, read by every status instance
 //! <p>.parked  fanout exchange ─────────▶ <p>.parked  quorum queue, kept until an operator acts
 //! ```
 //!
@@ -18,6 +18,8 @@
 //! such a queue (or to change the limit later), set it as a policy instead, which RabbitMQ
 //! applies to existing queues:
 //! `rabbitmqctl set_policy luna-save-bounds '^luna\.save$' '{"max-length-bytes":4294967296}' --apply-to queues`.
+
+use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -65,6 +67,80 @@ impl Topology {
     }
     pub fn parked_queue(&self) -> String {
         format!("{}.parked", self.prefix)
+    }
+    /// The stream that keeps every event for the retention window (see [`EventRetention`]).
+    pub fn events_stream(&self) -> String {
+        format!("{}.events.log", self.prefix)
+    }
+
+    /// Declares the events exchange and the events stream bound to it with `#`.
+    ///
+    /// RabbitMQ compares the arguments of a redeclaration; a stream declared earlier with
+    /// another retention makes this fail with `406 PRECONDITION_FAILED` and closes the channel
+    /// (see [`Self::bind_existing_events_stream`]; retention of an existing stream is changed
+    /// with a policy, see `docs/protocol.md`).
+    ///
+    /// # Errors
+    /// [`QueueError::Broker`], for example when the stream exists with other arguments.
+    pub async fn declare_events_stream(
+        &self,
+        channel: &Channel,
+        retention: &EventRetention,
+    ) -> Result<(), QueueError> {
+        channel
+            .exchange_declare(
+                self.events_exchange().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(
+                self.events_stream().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                retention.arguments(),
+            )
+            .await?;
+        self.bind_events_stream(channel).await
+    }
+
+    /// Binds the events stream, which must exist already (as declared, whatever its
+    /// retention), to the events exchange.
+    ///
+    /// # Errors
+    /// [`QueueError::Broker`] when the stream does not exist (404) or the broker fails.
+    pub async fn bind_existing_events_stream(&self, channel: &Channel) -> Result<(), QueueError> {
+        channel
+            .queue_declare(
+                self.events_stream().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        self.bind_events_stream(channel).await
+    }
+
+    async fn bind_events_stream(&self, channel: &Channel) -> Result<(), QueueError> {
+        channel
+            .queue_bind(
+                self.events_stream().into(),
+                self.events_exchange().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
     }
 
     /// Declares exchanges, queues and bindings.
@@ -152,6 +228,54 @@ impl Topology {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// How long, and how much, the events stream keeps. RabbitMQ drops whole segments once they are
+/// older than `max_age` or once the stream is larger than `max_bytes`, whichever comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRetention {
+    /// `x-max-age`, rounded down to whole seconds (at least one).
+    pub max_age: Duration,
+    /// `x-max-length-bytes`.
+    pub max_bytes: u64,
+}
+
+impl EventRetention {
+    /// Segments are the unit RabbitMQ deletes, so they are kept at most an eighth of the size
+    /// cap (and at most RabbitMQ's default of 500 MB): retention then never keeps much more
+    /// than asked for.
+    pub fn segment_bytes(&self) -> u64 {
+        (self.max_bytes / 8).clamp(1024 * 1024, 500_000_000)
+    }
+
+    /// The queue arguments of the stream.
+    pub fn arguments(&self) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert("x-queue-type".into(), long("stream"));
+        t.insert(
+            "x-max-age".into(),
+            long(&format!("{}s", self.max_age.as_secs().max(1))),
+        );
+        t.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(i64::try_from(self.max_bytes).unwrap_or(i64::MAX)),
+        );
+        t.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongLongInt(i64::try_from(self.segment_bytes()).unwrap_or(i64::MAX)),
+        );
+        t
+    }
+}
+
+impl Default for EventRetention {
+    /// A day, or 1 GiB.
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(24 * 3600),
+            max_bytes: 1 << 30,
+        }
     }
 }
 

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use luna_telemetry::LogFormat;
 
+/// Default size cap of the events stream: 1 GiB, a few million events.
+pub const DEFAULT_EVENTS_MAX_BYTES: u64 = 1 << 30;
+
 /// How the status service is run. Every flag can also be set through its environment variable.
 #[derive(Clone, clap::Parser)]
 #[command(
@@ -39,12 +42,30 @@ pub struct Config {
     #[arg(long, env = "LUNA_MAX_JOBS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_jobs: u32,
 
+    /// How long the broker keeps events in the events stream (`x-max-age`). A status instance
+    /// rebuilds its job table from this window when it starts, so keep it above --job-ttl
+    /// plus the longest job. Fixed when the stream is first declared; change it with a policy.
+    #[arg(long, env = "LUNA_EVENTS_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub events_max_age: Duration,
+
+    /// Most bytes the events stream keeps (`x-max-length-bytes`); the oldest go first.
+    #[arg(long, env = "LUNA_EVENTS_MAX_BYTES", default_value_t = DEFAULT_EVENTS_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub events_max_bytes: u64,
+
     /// Log line format.
     #[arg(long, env = "LUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
 }
 
 impl Config {
+    /// Retention of the events stream, from `--events-max-age` and `--events-max-bytes`.
+    pub fn event_retention(&self) -> luna_queue::EventRetention {
+        luna_queue::EventRetention {
+            max_age: self.events_max_age,
+            max_bytes: self.events_max_bytes,
+        }
+    }
+
     /// The defaults, as if started without flags or environment (for tests and embedding).
     pub fn new(amqp_url: impl Into<String>, amqp_prefix: impl Into<String>) -> Self {
         Self {
@@ -54,6 +75,8 @@ impl Config {
             metrics_token: None,
             job_ttl: Duration::from_secs(3600),
             max_jobs: 10_000,
+            events_max_age: Duration::from_secs(24 * 3600),
+            events_max_bytes: DEFAULT_EVENTS_MAX_BYTES,
             log_format: LogFormat::Human,
         }
     }
@@ -72,6 +95,8 @@ impl fmt::Debug for Config {
             )
             .field("job_ttl", &self.job_ttl)
             .field("max_jobs", &self.max_jobs)
+            .field("events_max_age", &self.events_max_age)
+            .field("events_max_bytes", &self.events_max_bytes)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -97,6 +122,22 @@ mod tests {
         let cfg = Config::try_parse_from(["luna-status", "--job-ttl", "90s", "--max-jobs", "5"])
             .expect("flags parse");
         assert_eq!((cfg.job_ttl, cfg.max_jobs), (Duration::from_secs(90), 5));
+        let cfg = Config::try_parse_from([
+            "luna-status",
+            "--events-max-age",
+            "2h",
+            "--events-max-bytes",
+            "1000000",
+        ])
+        .expect("retention flags parse");
+        assert_eq!(
+            cfg.event_retention(),
+            luna_queue::EventRetention {
+                max_age: Duration::from_secs(7200),
+                max_bytes: 1_000_000
+            }
+        );
+        assert!(Config::try_parse_from(["luna-status", "--events-max-bytes", "0"]).is_err());
         assert!(Config::try_parse_from(["luna-status", "--max-jobs", "0"]).is_err());
     }
 

@@ -9,7 +9,7 @@
 //! off (its `too_slow` token fires) rather than slowing the broker consumer or anyone else.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use luna_job::codec::to_json;
 use luna_job::{Event, JobId};
@@ -73,8 +73,14 @@ impl Hub {
     /// Records `event` and relays it (unless it is an exact duplicate), followed by the job's
     /// `save_job_completed` when this event completed it. Returns that completion, for logging.
     pub fn publish(&self, event: Event, now: Instant) -> Option<Event> {
+        self.publish_aged(event, now, Duration::ZERO)
+    }
+
+    /// [`publish`](Self::publish) for an event that happened `age` ago (see
+    /// [`JobTable::record_aged`]).
+    pub fn publish_aged(&self, event: Event, now: Instant, age: Duration) -> Option<Event> {
         let mut inner = self.lock();
-        let completed = match inner.table.record(event.clone(), now) {
+        let completed = match inner.table.record_aged(event.clone(), now, age) {
             Recorded::Duplicate => return None,
             Recorded::New { completed } => completed,
         };
@@ -130,6 +136,10 @@ impl Hub {
 
 impl Inner {
     fn fan_out(&mut self, event: &Event) {
+        // Rebuilding the table at start-up records many events nobody listens to yet.
+        if self.subscribers.is_empty() {
+            return;
+        }
         let Some(frame) = frame(event) else { return };
         self.subscribers.retain(|slot| {
             if slot.tx.is_closed() {
@@ -165,8 +175,6 @@ fn frame(event: &Event) -> Option<Frame> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use luna_job::EventKind;
 
     use super::*;

@@ -1,17 +1,19 @@
 //! The Luna Saver status service: relays job events to WebSocket clients and answers
 //! `GET /v1/jobs/{id}`.
 //!
-//! Gateways and savers publish events to the broker's events exchange. Each status instance
-//! reads all of them through a private queue, records them per job (so a client that connects
-//! late gets a replay), derives each job's `save_job_completed` once every image has a final
-//! outcome, and fans everything out to its WebSocket subscribers. State is in memory only and
-//! bounded: jobs are forgotten after `--job-ttl` or beyond `--max-jobs`.
+//! Gateways and savers publish events to the broker's events exchange, which appends them to
+//! the events stream. Each status instance reads the stream (from its start when it starts,
+//! rebuilding the jobs of the retention window; from where it stopped after a reconnect),
+//! records the events per job (so a client that connects late gets a replay), derives each
+//! job's `save_job_completed` once every image has a final outcome, and fans everything out to
+//! its WebSocket subscribers. The table is in memory and bounded: jobs are forgotten after
+//! `--job-ttl` or beyond `--max-jobs`; the stream is what survives a restart.
 //!
 //! # Layout
 //! - [`config`]: flags and environment variables.
 //! - [`table`]: the pure, bounded, expiring job table and completion derivation.
 //! - [`hub`]: the table behind one lock plus per-subscriber bounded queues.
-//! - `relay`: the broker consumer, resubscribing with backoff.
+//! - `relay`: the events stream reader, resuming after the last offset it applied.
 //! - [`http`]: `router(state)`, handlers (with `/metrics`), auth and [`ApiError`].
 //! - `metrics`: events relayed, WebSocket subscribers, jobs tracked.
 //! - `ws`: one WebSocket session (replay, live, pings, closing slow clients).
@@ -43,6 +45,11 @@ pub use ws::{PING_INTERVAL, TOO_SLOW};
 /// little memory.
 pub const SUBSCRIBER_QUEUE: usize = 1024;
 
+enum BrokerKind {
+    Amqp,
+    InProcess,
+}
+
 /// How long shutdown waits for the event consumer to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -71,7 +78,9 @@ pub async fn run(
     run_with_broker(cfg, broker, listener, shutdown).await
 }
 
-/// [`run`] on a given broker handle: how `luna up` shares its in-process queue.
+/// [`run`] on a given broker handle: how `luna up` shares its in-process queue. With a
+/// RabbitMQ handle, `cfg.broker` must name the same broker: the events stream is read on a
+/// connection of its own, opened from it.
 ///
 /// # Errors
 /// [`Error::Serve`] if the server fails.
@@ -81,6 +90,10 @@ pub async fn run_with_broker(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let broker_kind = match &broker {
+        Broker::Amqp(_) => BrokerKind::Amqp,
+        Broker::Memory(_) => BrokerKind::InProcess,
+    };
     let max_jobs = usize::try_from(cfg.max_jobs).unwrap_or(usize::MAX);
     let hub = Hub::new(JobTable::new(cfg.job_ttl, max_jobs), SUBSCRIBER_QUEUE);
     // An empty LUNA_TOKEN (a blank line in a compose file) means no token, not the token "".
@@ -89,8 +102,20 @@ pub async fn run_with_broker(
     let state = AppState::new(hub, broker, token.clone(), metrics_token);
     let cancel = state.shutdown_token();
 
+    let source = match &broker_kind {
+        BrokerKind::Amqp => relay::Source::Log {
+            config: cfg.broker.config(),
+            retention: cfg.event_retention(),
+            connection_name: format!(
+                "luna-status {} {}",
+                cfg.broker.amqp_prefix,
+                uuid::Uuid::now_v7().simple()
+            ),
+        },
+        BrokerKind::InProcess => relay::Source::Bus,
+    };
     let tracker = TaskTracker::new();
-    tracker.spawn(relay::run(state.clone(), cancel.clone()));
+    tracker.spawn(relay::run(state.clone(), source, cancel.clone()));
 
     tracing::info!(
         listen = ?listener.local_addr().ok(),

@@ -137,7 +137,16 @@ impl JobTable {
 
     /// Records `event` and says whether it was new and whether it completed its job.
     pub fn record(&mut self, event: Event, now: Instant) -> Recorded {
+        self.record_aged(event, now, Duration::ZERO)
+    }
+
+    /// [`record`](Self::record) for an event that happened `age` ago: its job's activity is
+    /// dated back by that much (never past the TTL). Rebuilding the table from the events
+    /// stream after a restart thus forgets the jobs an instance that never stopped would have
+    /// forgotten, rather than giving every replayed job a fresh TTL.
+    pub fn record_aged(&mut self, event: Event, now: Instant, age: Duration) -> Recorded {
         self.evict_expired(now);
+        let activity = now.checked_sub(age.min(self.ttl)).unwrap_or(now);
         let seq = self.next_seq;
         self.next_seq += 1;
 
@@ -150,7 +159,7 @@ impl JobTable {
             .or_insert_with(|| Job {
                 id: event.job_id.clone(),
                 seq,
-                last_activity: now,
+                last_activity: activity,
                 num_images: None,
                 queued_at: None,
                 first_timestamp: event.timestamp,
@@ -159,7 +168,8 @@ impl JobTable {
                 completion: None,
             });
         job.seq = seq;
-        job.last_activity = now;
+        // Replayed events may come with activity older than the job's last; never go back.
+        job.last_activity = job.last_activity.max(activity);
         self.by_activity.insert(seq, event.job_id.clone());
 
         let recorded = job.apply(event);
@@ -674,6 +684,30 @@ mod tests {
         t.record(queued("new", 0, 1), later);
         assert_eq!(t.len(), 2, "recording evicts expired jobs");
         assert!(t.get(&id("busy"), t0 + Duration::from_secs(110)).is_none());
+    }
+
+    #[test]
+    fn replayed_events_keep_their_age() {
+        let ttl = Duration::from_secs(60);
+        let mut t = JobTable::new(ttl, 100);
+        let now = Instant::now();
+        // Finished long ago: forgotten at once, as a running instance would have by now.
+        t.record_aged(queued("old", 0, 1), now, Duration::from_secs(3600));
+        t.record_aged(saved("old", 1, 0), now, Duration::from_secs(3600));
+        assert!(t.get(&id("old"), now).is_none());
+        // Last active 50 s ago: kept for the 10 s of TTL it has left.
+        t.record_aged(queued("recent", 0, 1), now, Duration::from_secs(55));
+        t.record_aged(saved("recent", 1, 0), now, Duration::from_secs(50));
+        let view = t.get(&id("recent"), now).expect("still live");
+        assert_eq!(view.state, JobState::Completed);
+        assert!(t.get(&id("recent"), now + Duration::from_secs(9)).is_some());
+        assert!(
+            t.get(&id("recent"), now + Duration::from_secs(10))
+                .is_none()
+        );
+        // An older event arriving late does not age a job that was active since.
+        t.record_aged(saved("recent", 2, 0), now, Duration::from_secs(3600));
+        assert!(t.get(&id("recent"), now + Duration::from_secs(9)).is_some());
     }
 
     #[test]

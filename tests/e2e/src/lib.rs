@@ -376,7 +376,13 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(broker: Broker, output_root: &std::path::Path) -> Self {
-        let mut status_cfg = luna_status::Config::new("amqp://unused", broker.prefix());
+        // Over RabbitMQ, status reads the events stream on a connection of its own, opened from
+        // its configured URL.
+        let url = match &broker {
+            Broker::Amqp(_) => require_broker().await,
+            Broker::Memory(_) => String::new(),
+        };
+        let mut status_cfg = luna_status::Config::new(url, broker.prefix());
         status_cfg.job_ttl = Duration::from_secs(600);
         let status = {
             let b = broker.clone();
