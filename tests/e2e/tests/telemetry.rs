@@ -341,7 +341,7 @@ async fn a_failed_save_marks_its_process_span_failed() {
         .find(|p| text(p, "luna.outcome") == "failed")
         .expect("failed process span");
     assert!(
-        matches!(&failed.status, Status::Error { description } if description.contains("Not a directory")),
+        matches!(&failed.status, Status::Error { description } if description.contains("not a folder")),
         "{:?}",
         failed.status
     );
