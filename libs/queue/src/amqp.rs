@@ -452,9 +452,14 @@ impl AmqpBroker {
             Ok(())
         })
         .await;
-        if matches!(result, Err(QueueError::Broker(_) | QueueError::Timeout(_))) {
+        if matches!(
+            result,
+            Err(QueueError::Broker(_) | QueueError::Timeout(_) | QueueError::Nacked)
+        ) {
             // The channel may be closed or stuck; the next publish opens a new one. Whoever
-            // holds the slot now is opening one already.
+            // holds the slot now is opening one already. A nack counts too: a channel that
+            // published to a quorum queue whose leader died can go on refusing every publish
+            // to it after a new leader is elected, while a fresh channel finds the new leader.
             if let Ok(mut slot) = self.inner.publisher.try_lock() {
                 *slot = None;
             }

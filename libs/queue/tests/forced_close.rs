@@ -14,7 +14,13 @@ use luna_job::JobId;
 use luna_queue::{AmqpConfig, Broker};
 use support::*;
 
-const ROUNDS: usize = 4;
+/// Forced closes; `LUNA_HEAL_ROUNDS` runs more, to watch memory over a longer stretch.
+fn round_count() -> usize {
+    std::env::var("LUNA_HEAL_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(4)
+}
 
 /// Our connections and their channels, as the broker sees them.
 fn ours(proxy: &Proxy) -> (usize, u64, Vec<BrokerConnection>) {
@@ -111,8 +117,8 @@ async fn broker_forced_closes_neither_leak_nor_stop_consumers() {
             );
             assert!(conns >= 1, "the broker lists our connections");
 
-            let mut rounds = Vec::new();
-            for round in 1..=ROUNDS {
+            let mut seen = Vec::new();
+            for round in 1..=round_count() {
                 let (_, _, listed) = ours(&proxy);
                 for c in &listed {
                     close_connection(None, &c.pid);
@@ -126,16 +132,17 @@ async fn broker_forced_closes_neither_leak_nor_stop_consumers() {
                     rss_kib(),
                     threads()
                 );
-                rounds.push((round, n, ch));
+                seen.push((round, n, ch));
             }
             println!(
-                "RSS before {rss:?} KiB, after {ROUNDS} closes {:?} KiB; threads before {thr:?}, after {:?}",
+                "RSS before {rss:?} KiB, after {} closes {:?} KiB; threads before {thr:?}, after {:?}",
+                round_count(),
                 rss_kib(),
                 threads()
             );
             consumer.abort();
             subscriber.abort();
-            for (round, n, ch) in rounds {
+            for (round, n, ch) in seen {
                 assert_eq!(n, conns, "connections after close {round}");
                 assert_eq!(ch, channels, "channels after close {round}");
             }
