@@ -1,18 +1,39 @@
 //! The RabbitMQ backend.
 //!
-//! Connections come from a deadpool-lapin pool and have lapin's automatic recovery enabled,
-//! so a dropped TCP connection is re-established with its topology and consumers. Publishing
-//! goes through one shared channel in confirm mode; any error on it discards the channel and
-//! the next publish opens a fresh one, which is how a channel-level close (a 404, a
-//! precondition failure) is recovered from. Every broker round trip is bounded by the
-//! configured timeout, so callers fail fast instead of hanging when the broker is down or
-//! blocked (a blocked connection accepts publishes but never confirms them).
+//! # Connections
+//! Each handle owns at most two AMQP connections, one it publishes on and one its consumers
+//! use (RabbitMQ blocks a publishing connection under memory pressure, which must not stall
+//! acknowledgements), or a single one with `pool_size = 1`. A connection is opened on first
+//! use and replaced, never added to, when it fails: the next operation that needs it dials
+//! again, trying the cluster's nodes in turn. Consumers end with their connection; callers
+//! consume anew (the saver's slots and the status relay do), which re-creates their channel
+//! and consumer on the new connection, on whichever node answered.
+//!
+//! lapin's own automatic recovery is not used. It reconnects inside the I/O loop, behind the
+//! handle's back: a connection dropped while it recovers is not closed (lapin only closes a
+//! connection on drop while it is connecting or connected), so its I/O thread brings it back
+//! with no owner, and every broker-forced close leaked one connection, its thread and buffers.
+//! It also reconnects to the one URL it was given, which cannot follow a cluster.
+//!
+//! # Stalls
+//! Connections ask for a short AMQP heartbeat (`heartbeat`), so a broker that stops answering
+//! (a stalled node, a black-holed network) fails the connection within two heartbeat periods
+//! and its consumers end. Every broker round trip, and each publish as a whole, is bounded by
+//! the configured timeout; readiness probes the connections with a shorter deadline. A
+//! handshake that outlives its deadline keeps running in the background (at most one per
+//! connection and node) and is closed if it ever completes, so a stall does not pile them up.
+//!
+//! # Publishing
+//! Publishing goes through one shared channel in confirm mode; any error on it discards the
+//! channel and the next publish opens a fresh one, which is how a channel-level close (a 404, a
+//! precondition failure) is recovered from. A blocked connection accepts publishes but never
+//! confirms them; the timeout turns that into an error too.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use deadpool_lapin::{Pool, Runtime};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
@@ -20,24 +41,46 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, ConnectionProperties};
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use luna_job::codec::{DecodeError, from_msgpack, to_msgpack};
 use luna_job::{Event, SaveTask};
 use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 
+use crate::args::redact_url;
 use crate::topology::{TASK_ROUTING_KEY, Topology};
 use crate::{Headers, PARK_REASON_HEADER, QueueError};
+
+/// Default AMQP heartbeat: a silent broker is given up on after two periods.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Longest a readiness probe waits (less when the broker timeout is shorter), so `/readyz`
+/// answers before a prober gives up on it.
+pub const READY_PROBE_LIMIT: Duration = Duration::from_secs(2);
 
 /// How to reach the broker.
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
-    /// `amqp://user:pass@host:port/vhost`.
+    /// `amqp://user:pass@host:port/vhost`, or several such URLs separated by commas: the
+    /// nodes of one RabbitMQ cluster, tried in turn. A comma inside a password must be
+    /// percent-encoded (`%2C`).
     pub url: String,
     pub topology: Topology,
-    /// Bound on connecting, opening a channel, and waiting for one publish confirm.
+    /// Bound on connecting, opening a channel, one publish (channel, send and confirm), and
+    /// any other broker round trip.
     pub timeout: Duration,
-    /// Most connections kept open. Each consumer and the publisher share them as channels.
+    /// Connections kept open: 1 for publishing and consuming on one connection, 2 or more for
+    /// separate publishing and consuming connections (the default; more are not used).
     pub pool_size: usize,
+    /// AMQP heartbeat asked of the broker (it may pick a shorter one). A broker silent for two
+    /// periods is considered gone. Zero leaves it to the broker. A `heartbeat=` in the URL
+    /// wins.
+    pub heartbeat: Duration,
+    /// The `connection_name` client property, shown by `rabbitmqctl list_connections` and the
+    /// management UI; `/publish` or `/consume` is appended. Defaults to the program's name
+    /// and process id.
+    pub connection_name: String,
 }
 
 impl AmqpConfig {
@@ -47,8 +90,88 @@ impl AmqpConfig {
             topology: Topology::new(prefix),
             timeout: Duration::from_secs(5),
             pool_size: 2,
+            heartbeat: DEFAULT_HEARTBEAT,
+            connection_name: default_connection_name(),
         }
     }
+}
+
+fn default_connection_name() -> String {
+    let program = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "luna".to_owned());
+    format!("{program}[{}]", std::process::id())
+}
+
+/// Parses the comma-separated node URLs, with the heartbeat and connect timeout filled in
+/// where the URL does not set them.
+fn parse_nodes(config: &AmqpConfig) -> Result<Vec<AMQPUri>, QueueError> {
+    let mut nodes = Vec::new();
+    for url in config
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    {
+        let mut uri: AMQPUri = url
+            .parse()
+            .map_err(|reason| QueueError::InvalidUrl(format!("{}: {reason}", redact_url(url))))?;
+        if uri.query.heartbeat.is_none() {
+            let secs = config.heartbeat.as_secs().clamp(0, u64::from(u16::MAX));
+            // A heartbeat under a second rounds up rather than turning heartbeats off.
+            let secs = if secs == 0 && !config.heartbeat.is_zero() {
+                1
+            } else {
+                secs
+            };
+            uri.query.heartbeat = u16::try_from(secs).ok();
+        }
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout = u64::try_from(config.timeout.as_millis()).ok();
+        }
+        nodes.push(uri);
+    }
+    if nodes.is_empty() {
+        return Err(QueueError::InvalidUrl("no broker URL given".to_owned()));
+    }
+    Ok(nodes)
+}
+
+/// What a connection is used for; each has its own connection unless `pool_size` is 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Publishing, declaring, counting.
+    Publish,
+    /// Task consumers and event subscriptions.
+    Consume,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Publish => "publish",
+            Self::Consume => "consume",
+        }
+    }
+}
+
+type Handshake = JoinHandle<Result<Connection, lapin::Error>>;
+
+/// One connection slot: the connection in use, and handshakes still running per node.
+struct Link {
+    name: String,
+    state: Mutex<LinkState>,
+    /// Set once something used this link, so readiness probes only what is in use.
+    used: AtomicBool,
+}
+
+struct LinkState {
+    conn: Option<Arc<Connection>>,
+    /// A handshake per node that outlived its caller's deadline. It is awaited again by the
+    /// next dial instead of starting another one; if it is dropped, the task still runs and
+    /// closes the connection it gets.
+    pending: Vec<Option<Handshake>>,
 }
 
 /// A handle on the broker; cheap to clone.
@@ -58,7 +181,13 @@ pub struct AmqpBroker {
 }
 
 struct Inner {
-    pool: Pool,
+    nodes: Vec<AMQPUri>,
+    /// Redacted node URLs, for logs.
+    node_names: Vec<String>,
+    /// The node the next dial tries first: the last one that answered, or the one after the
+    /// last that did not.
+    next_node: AtomicUsize,
+    links: Vec<Link>,
     topology: Topology,
     timeout: Duration,
     publisher: Mutex<Option<Channel>>,
@@ -67,6 +196,7 @@ struct Inner {
 impl std::fmt::Debug for AmqpBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpBroker")
+            .field("nodes", &self.inner.node_names)
             .field("topology", &self.inner.topology)
             .finish_non_exhaustive()
     }
@@ -83,35 +213,133 @@ async fn bounded<T, E: Into<QueueError>>(
 }
 
 impl AmqpBroker {
-    /// Connects lazily: the pool is created here, connections on first use.
+    /// Connects lazily: URLs are checked here, connections made on first use.
     ///
     /// # Errors
-    /// [`QueueError::CreatePool`] for a malformed configuration.
+    /// [`QueueError::InvalidUrl`] for a malformed or empty URL list.
     pub fn new(config: AmqpConfig) -> Result<Self, QueueError> {
-        let pool_config = deadpool_lapin::Config {
-            url: Some(config.url.clone()),
-            pool: Some(deadpool_lapin::PoolConfig {
-                max_size: config.pool_size.max(1),
-                timeouts: deadpool_lapin::Timeouts {
-                    wait: Some(config.timeout),
-                    create: Some(config.timeout),
-                    recycle: Some(config.timeout),
-                },
-                ..Default::default()
-            }),
+        let nodes = parse_nodes(&config)?;
+        let node_names = config
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(redact_url)
+            .collect();
+        let roles: &[Role] = if config.pool_size <= 1 {
+            &[Role::Publish]
+        } else {
+            &[Role::Publish, Role::Consume]
         };
-        let pool = pool_config.create_pool(
-            || ConnectionProperties::default().enable_auto_recover(),
-            Runtime::Tokio1,
-        )?;
+        let links = roles
+            .iter()
+            .map(|role| Link {
+                name: format!("{}/{}", config.connection_name, role.name()),
+                state: Mutex::new(LinkState {
+                    conn: None,
+                    pending: nodes.iter().map(|_| None).collect(),
+                }),
+                used: AtomicBool::new(false),
+            })
+            .collect();
         Ok(Self {
             inner: Arc::new(Inner {
-                pool,
+                nodes,
+                node_names,
+                next_node: AtomicUsize::new(0),
+                links,
                 topology: config.topology,
                 timeout: config.timeout,
                 publisher: Mutex::new(None),
             }),
         })
+    }
+
+    fn link(&self, role: Role) -> &Link {
+        let links = &self.inner.links;
+        match role {
+            Role::Consume if links.len() > 1 => &links[1],
+            _ => &links[0],
+        }
+    }
+
+    /// The connection for `role`: the current one while it is up, else a new one.
+    async fn connection(&self, role: Role) -> Result<Arc<Connection>, QueueError> {
+        let link = self.link(role);
+        link.used.store(true, Ordering::Relaxed);
+        let mut state = link.state.lock().await;
+        if let Some(conn) = state.conn.as_ref().filter(|c| c.status().connected()) {
+            return Ok(conn.clone());
+        }
+        if let Some(old) = state.conn.take() {
+            // Failed or closed: its I/O loop has ended. Channels still held elsewhere keep
+            // only memory, freed when their holders drop them.
+            tracing::info!(
+                connection = %link.name,
+                status = ?old.status(),
+                "broker connection lost; reconnecting"
+            );
+        }
+        let conn = Arc::new(self.dial(link, &mut state).await?);
+        state.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Tries each node once, from the preferred one.
+    async fn dial(&self, link: &Link, state: &mut LinkState) -> Result<Connection, QueueError> {
+        let inner = &self.inner;
+        let count = inner.nodes.len();
+        let first = inner.next_node.load(Ordering::Relaxed) % count;
+        let mut last = QueueError::Timeout(inner.timeout);
+        for step in 0..count {
+            let node = (first + step) % count;
+            let handshake = match state.pending[node].take() {
+                Some(h) => h,
+                None => {
+                    let uri = inner.nodes[node].clone();
+                    let props = ConnectionProperties::default()
+                        .with_connection_name(link.name.as_str().into());
+                    tokio::spawn(Connection::connect_uri(uri, props))
+                }
+            };
+            // Kept in the slot while awaited: a caller that gives up leaves it for the next.
+            let slot = state.pending[node].insert(handshake);
+            let outcome = tokio::time::timeout(inner.timeout, slot).await;
+            let result = match outcome {
+                Err(_) => {
+                    last = QueueError::Timeout(inner.timeout);
+                    inner.next_node.store((node + 1) % count, Ordering::Relaxed);
+                    tracing::debug!(connection = %link.name, node = %inner.node_names[node], "broker handshake timed out");
+                    continue;
+                }
+                Ok(joined) => {
+                    state.pending[node] = None;
+                    joined
+                }
+            };
+            match result {
+                Ok(Ok(conn)) if conn.status().connected() => {
+                    inner.next_node.store(node, Ordering::Relaxed);
+                    tracing::info!(connection = %link.name, node = %inner.node_names[node], "connected to the broker");
+                    return Ok(conn);
+                }
+                Ok(Ok(_closed)) => {
+                    last = QueueError::Broker(
+                        lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed)
+                            .into(),
+                    );
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(connection = %link.name, node = %inner.node_names[node], error = %e, "cannot connect to a broker node");
+                    last = QueueError::Broker(e);
+                }
+                Err(join) => {
+                    tracing::warn!(connection = %link.name, error = %join, "broker handshake task failed");
+                }
+            }
+            inner.next_node.store((node + 1) % count, Ordering::Relaxed);
+        }
+        Err(last)
     }
 
     /// Creates the handle and declares the topology, so the first publish cannot be lost to a
@@ -140,19 +368,37 @@ impl AmqpBroker {
         result
     }
 
-    /// A fresh channel on a pooled connection.
-    async fn open_channel(&self) -> Result<Channel, QueueError> {
+    /// A fresh channel on the connection for `role`.
+    async fn channel(&self, role: Role) -> Result<Channel, QueueError> {
         let limit = self.inner.timeout;
-        let conn = bounded(limit, self.inner.pool.get()).await?;
+        let conn = bounded(limit, self.connection(role)).await?;
         bounded(limit, conn.create_channel()).await
     }
 
-    /// True when a connection to the broker is up (for `/readyz`).
+    /// A fresh channel on the publishing connection.
+    async fn open_channel(&self) -> Result<Channel, QueueError> {
+        self.channel(Role::Publish).await
+    }
+
+    /// True when every connection in use (or, before any, the publishing one) is up and
+    /// answers: a channel opened and closed within [`READY_PROBE_LIMIT`] (or the broker
+    /// timeout, when shorter). A stalled broker makes this false at once; a lost one too.
     pub async fn is_ready(&self) -> bool {
-        match bounded(self.inner.timeout, self.inner.pool.get()).await {
-            Ok(conn) => conn.status().connected(),
-            Err(_) => false,
+        let limit = self.inner.timeout.min(READY_PROBE_LIMIT);
+        bounded(limit, self.probe()).await.is_ok()
+    }
+
+    async fn probe(&self) -> Result<(), QueueError> {
+        let mut roles = vec![Role::Publish];
+        if self.inner.links.len() > 1 && self.link(Role::Consume).used.load(Ordering::Relaxed) {
+            roles.push(Role::Consume);
         }
+        for role in roles {
+            let conn = self.connection(role).await?;
+            let channel = conn.create_channel().await?;
+            channel.close(200, "probe".into()).await?;
+        }
+        Ok(())
     }
 
     async fn publisher(&self) -> Result<Channel, QueueError> {
@@ -180,24 +426,23 @@ impl AmqpBroker {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<(), QueueError> {
-        let result = async {
+        let limit = self.inner.timeout;
+        let result = bounded(limit, async {
             let ch = self.publisher().await?;
             let options = BasicPublishOptions {
                 mandatory,
                 ..Default::default()
             };
-            let pending = bounded(
-                self.inner.timeout,
-                ch.basic_publish(
+            let pending = ch
+                .basic_publish(
                     exchange.into(),
                     routing_key.into(),
                     options,
                     body,
                     properties,
-                ),
-            )
-            .await?;
-            let confirm = bounded(self.inner.timeout, pending).await?;
+                )
+                .await?;
+            let confirm = pending.await?;
             if confirm.is_nack() {
                 return Err(QueueError::Nacked);
             }
@@ -205,11 +450,19 @@ impl AmqpBroker {
                 return Err(QueueError::Unroutable(routing_key.to_owned()));
             }
             Ok(())
-        }
+        })
         .await;
-        if matches!(result, Err(QueueError::Broker(_) | QueueError::Timeout(_))) {
-            // The channel may be closed or stuck; the next publish opens a new one.
-            *self.inner.publisher.lock().await = None;
+        if matches!(
+            result,
+            Err(QueueError::Broker(_) | QueueError::Timeout(_) | QueueError::Nacked)
+        ) {
+            // The channel may be closed or stuck; the next publish opens a new one. Whoever
+            // holds the slot now is opening one already. A nack counts too: a channel that
+            // published to a quorum queue whose leader died can go on refusing every publish
+            // to it after a new leader is elected, while a fresh channel finds the new leader.
+            if let Ok(mut slot) = self.inner.publisher.try_lock() {
+                *slot = None;
+            }
         }
         result
     }
@@ -248,7 +501,7 @@ impl AmqpBroker {
     /// # Errors
     /// [`QueueError`] when the broker is unreachable.
     pub async fn consume_tasks(&self, consumer_tag: &str) -> Result<AmqpTaskStream, QueueError> {
-        let channel = self.open_channel().await?;
+        let channel = self.channel(Role::Consume).await?;
         let limit = self.inner.timeout;
         bounded(limit, channel.basic_qos(1, BasicQosOptions::default())).await?;
         let consumer = bounded(
@@ -278,7 +531,7 @@ impl AmqpBroker {
         &self,
         queue: Option<&str>,
     ) -> Result<AmqpEventStream, QueueError> {
-        let channel = self.open_channel().await?;
+        let channel = self.channel(Role::Consume).await?;
         let limit = self.inner.timeout;
         let name = queue.map_or_else(
             || {
@@ -659,5 +912,74 @@ impl AmqpEventStream {
             from_msgpack(&delivery.data),
             headers_of(&delivery.properties),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_node_gets_the_heartbeat_and_connect_timeout() {
+        let mut config = AmqpConfig::new(
+            "amqp://u:p@h1:5672/%2f, amqp://u:p@h2:5673/%2f?heartbeat=30",
+            "t",
+        );
+        config.heartbeat = Duration::from_secs(3);
+        config.timeout = Duration::from_millis(1500);
+        let nodes = parse_nodes(&config).expect("two valid URLs");
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0].authority.host, "h1");
+        assert_eq!(nodes[0].query.heartbeat, Some(3));
+        assert_eq!(nodes[0].query.connection_timeout, Some(1500));
+        assert_eq!(nodes[1].authority.port, 5673);
+        assert_eq!(
+            nodes[1].query.heartbeat,
+            Some(30),
+            "the URL's own value wins"
+        );
+    }
+
+    #[test]
+    fn a_sub_second_heartbeat_is_not_turned_off() {
+        let mut config = AmqpConfig::new("amqp://h/%2f", "t");
+        config.heartbeat = Duration::from_millis(300);
+        assert_eq!(
+            parse_nodes(&config).expect("valid")[0].query.heartbeat,
+            Some(1)
+        );
+        config.heartbeat = Duration::ZERO;
+        assert_eq!(
+            parse_nodes(&config).expect("valid")[0].query.heartbeat,
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_refused_without_their_password() {
+        let err = AmqpBroker::new(AmqpConfig::new("amqp://h/%2f,amqp://u:secret@[::1", "t"))
+            .expect_err("the second URL does not parse");
+        assert!(matches!(err, QueueError::InvalidUrl(_)));
+        assert!(!err.to_string().contains("secret"), "{err}");
+        assert!(matches!(
+            AmqpBroker::new(AmqpConfig::new(" , ", "t")),
+            Err(QueueError::InvalidUrl(_))
+        ));
+    }
+
+    #[test]
+    fn one_connection_when_the_pool_is_one() {
+        let mut config = AmqpConfig::new("amqp://h/%2f", "t");
+        config.pool_size = 1;
+        let broker = AmqpBroker::new(config).expect("valid");
+        assert!(std::ptr::eq(
+            broker.link(Role::Publish),
+            broker.link(Role::Consume)
+        ));
+        let broker = AmqpBroker::new(AmqpConfig::new("amqp://h/%2f", "t")).expect("valid");
+        assert!(!std::ptr::eq(
+            broker.link(Role::Publish),
+            broker.link(Role::Consume)
+        ));
     }
 }

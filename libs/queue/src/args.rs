@@ -2,15 +2,17 @@
 
 use std::time::Duration;
 
-use crate::amqp::AmqpConfig;
+use crate::amqp::{AmqpConfig, DEFAULT_HEARTBEAT};
 
 /// Default broker URL: RabbitMQ on this machine with its stock account.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// `--amqp-url`, `--amqp-prefix` and `--broker-timeout`, for `#[command(flatten)]`.
+/// `--amqp-url`, `--amqp-prefix`, `--broker-timeout` and `--amqp-heartbeat`, for
+/// `#[command(flatten)]`.
 #[derive(Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`).
+    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`), or the comma-separated URLs of the
+    /// nodes of one cluster: when the node in use fails, the next is tried.
     #[arg(long, env = "LUNA_AMQP_URL", hide_env_values = true, default_value = DEFAULT_AMQP_URL)]
     pub amqp_url: String,
 
@@ -31,6 +33,10 @@ pub struct BrokerArgs {
     /// Most bytes of tasks waiting in the task queue; as --max-queued-tasks.
     #[arg(long, env = "LUNA_MAX_QUEUED_BYTES")]
     pub max_queued_bytes: Option<u64>,
+
+    /// AMQP heartbeat: a broker silent for two periods is given up on and reconnected to.
+    #[arg(long, env = "LUNA_AMQP_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub amqp_heartbeat: Duration,
 }
 
 impl BrokerArgs {
@@ -42,6 +48,7 @@ impl BrokerArgs {
             broker_timeout: Duration::from_secs(5),
             max_queued_tasks: None,
             max_queued_bytes: None,
+            amqp_heartbeat: DEFAULT_HEARTBEAT,
         }
     }
 
@@ -51,6 +58,7 @@ impl BrokerArgs {
         config.timeout = self.broker_timeout;
         config.topology.max_length = self.max_queued_tasks;
         config.topology.max_length_bytes = self.max_queued_bytes;
+        config.heartbeat = self.amqp_heartbeat;
         config
     }
 }
@@ -70,12 +78,20 @@ impl std::fmt::Debug for BrokerArgs {
             .field("broker_timeout", &self.broker_timeout)
             .field("max_queued_tasks", &self.max_queued_tasks)
             .field("max_queued_bytes", &self.max_queued_bytes)
+            .field("amqp_heartbeat", &self.amqp_heartbeat)
             .finish()
     }
 }
 
-/// `url` with any password replaced, for logs.
+/// `url` (or each of comma-separated URLs) with any password replaced, for logs.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact_one).collect::<Vec<_>>().join(",");
+    }
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -99,6 +115,10 @@ mod tests {
             "amqp://u:***@h:5672/%2f"
         );
         assert_eq!(redact_url("amqp://h/%2f"), "amqp://h/%2f");
+        assert_eq!(
+            redact_url("amqp://u:a@h1/%2f,amqp://u:b@h2/%2f"),
+            "amqp://u:***@h1/%2f,amqp://u:***@h2/%2f"
+        );
         assert!(!format!("{:?}", BrokerArgs::new("amqp://u:secret@h/x", "p")).contains("secret"));
     }
 }

@@ -89,7 +89,7 @@ impl Broker {
     /// A RabbitMQ handle that connects lazily.
     ///
     /// # Errors
-    /// [`QueueError::CreatePool`] for a malformed configuration.
+    /// [`QueueError::InvalidUrl`] for a malformed URL.
     pub fn new(config: AmqpConfig) -> Result<Self, QueueError> {
         AmqpBroker::new(config).map(Self::Amqp)
     }

@@ -8,8 +8,9 @@
 //! # Layout
 //! - [`topology`]: exchange and queue names derived from the prefix, and their declaration.
 //! - [`broker`]: [`Broker`], the handle services use, over either backend.
-//! - [`amqp`]: the RabbitMQ backend (lapin with automatic recovery, deadpool-lapin pooling,
-//!   publisher confirms under timeouts).
+//! - [`amqp`]: the RabbitMQ backend (lapin; one publishing and one consuming connection,
+//!   replaced when they fail, across the nodes of a cluster; short heartbeats; publisher
+//!   confirms under timeouts).
 //! - [`stream`]: the events log, a RabbitMQ stream every status instance reads from an offset.
 //! - [`memory`]: the in-process backend of `luna up`: same settling, retry and parking
 //!   semantics, no durability.
@@ -50,10 +51,9 @@ pub const PARK_REASON_HEADER: &str = "x-luna-park-reason";
 pub enum QueueError {
     #[error("broker connection or channel failed")]
     Broker(#[from] lapin::Error),
-    #[error("no broker connection")]
-    Pool(#[from] deadpool_lapin::PoolError),
-    #[error("could not create the connection pool")]
-    CreatePool(#[from] deadpool_lapin::CreatePoolError),
+    /// A broker URL that does not parse (its password left out), or none at all.
+    #[error("invalid broker URL: {0}")]
+    InvalidUrl(String),
     #[error("broker did not answer within {0:?}")]
     Timeout(Duration),
     /// With a length limit on the task queue (`--max-queued-tasks`, `--max-queued-bytes`, or a
@@ -76,7 +76,7 @@ impl QueueError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Broker(_) => "broker",
-            Self::Pool(_) | Self::CreatePool(_) => "connection",
+            Self::InvalidUrl(_) => "config",
             Self::Timeout(_) => "timeout",
             Self::Nacked => "nacked",
             Self::Full { .. } => "full",

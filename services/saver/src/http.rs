@@ -28,15 +28,19 @@ async fn metrics(State(ctx): State<Context>) -> impl axum::response::IntoRespons
     ctx.registry.exposition()
 }
 
-/// Ready while at least one slot consumes tasks: that needs the broker and the task queue.
+/// Ready while at least one slot consumes tasks and the broker answers a probe: a consumer
+/// lives on until its connection's heartbeat fails, so the probe is what notices a stalled
+/// broker within seconds.
 async fn readyz(State(ctx): State<Context>) -> (StatusCode, &'static str) {
-    if Live::get(&ctx.metrics.live.consumers) > 0 {
-        (StatusCode::OK, "ready")
-    } else {
+    if Live::get(&ctx.metrics.live.consumers) == 0 {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not consuming tasks (broker unavailable?)",
         )
+    } else if !ctx.broker.is_ready().await {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker does not answer")
+    } else {
+        (StatusCode::OK, "ready")
     }
 }
 
