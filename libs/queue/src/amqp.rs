@@ -106,7 +106,7 @@ fn default_connection_name() -> String {
 
 /// Parses the comma-separated node URLs, with the heartbeat and connect timeout filled in
 /// where the URL does not set them.
-fn parse_nodes(config: &AmqpConfig) -> Result<Vec<AMQPUri>, QueueError> {
+pub(crate) fn parse_nodes(config: &AmqpConfig) -> Result<Vec<AMQPUri>, QueueError> {
     let mut nodes = Vec::new();
     for url in config
         .url

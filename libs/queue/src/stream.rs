@@ -116,14 +116,19 @@ async fn bounded<T, E: Into<QueueError>>(
     }
 }
 
+/// Connects to the first node of `config.url` (comma-separated, the nodes of a cluster) that
+/// answers, with the configured heartbeat.
 async fn connect(config: &AmqpConfig, connection_name: &str) -> Result<Connection, QueueError> {
-    let properties =
-        ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
-    bounded(
-        config.timeout,
-        Connection::connect(config.url.as_str(), properties),
-    )
-    .await
+    let mut last = None;
+    for uri in crate::amqp::parse_nodes(config)? {
+        let properties =
+            ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
+        match bounded(config.timeout, Connection::connect_uri(uri, properties)).await {
+            Ok(connection) => return Ok(connection),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| QueueError::InvalidUrl("no broker URL given".to_owned())))
 }
 
 impl EventLogReader {
