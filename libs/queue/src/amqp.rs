@@ -202,7 +202,8 @@ impl std::fmt::Debug for AmqpBroker {
     }
 }
 
-async fn bounded<T, E: Into<QueueError>>(
+/// `fut`, or [`QueueError::Timeout`] once `limit` has passed.
+pub(crate) async fn bounded<T, E: Into<QueueError>>(
     limit: Duration,
     fut: impl Future<Output = Result<T, E>>,
 ) -> Result<T, QueueError> {

@@ -14,7 +14,6 @@
 //! reader opens a new one at the offset it chooses. The connection carries a
 //! `connection_name`, so an operator can tell it apart in `rabbitmqctl list_connections`.
 
-use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -25,7 +24,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use luna_job::Event;
 use luna_job::codec::{DecodeError, from_msgpack};
 
-use crate::amqp::AmqpConfig;
+use crate::amqp::{AmqpConfig, bounded};
 use crate::topology::EventRetention;
 use crate::{Headers, QueueError};
 
@@ -103,16 +102,6 @@ pub struct EventLogReader {
 impl std::fmt::Debug for EventLogReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventLogReader").finish_non_exhaustive()
-    }
-}
-
-async fn bounded<T, E: Into<QueueError>>(
-    limit: Duration,
-    fut: impl Future<Output = Result<T, E>>,
-) -> Result<T, QueueError> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(result) => result.map_err(Into::into),
-        Err(_) => Err(QueueError::Timeout(limit)),
     }
 }
 
