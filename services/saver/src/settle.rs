@@ -50,6 +50,17 @@ impl Policy {
 /// Header carrying how many attempts at a task started and never finished.
 pub const DELIVERIES_HEADER: &str = "x-luna-deliveries";
 
+/// `delay` with equal jitter: somewhere between half of it and all of it, `unit` (in `0..1`)
+/// choosing where, so savers that failed together do not all retry at the same instant.
+pub fn jittered(delay: Duration, unit: f64) -> Duration {
+    delay.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+}
+
+/// A uniform value in `0..1` for [`jittered`].
+pub fn random_unit() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
+}
+
 /// How a delivery is run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
@@ -273,6 +284,18 @@ mod tests {
             settle(&Attempt::Done { confirmed: false }, 1, &POLICY),
             Settle::Requeue
         );
+    }
+
+    #[test]
+    fn jitter_keeps_between_half_and_all_of_the_delay() {
+        let d = Duration::from_secs(8);
+        assert_eq!(jittered(d, 0.0), Duration::from_secs(4));
+        assert_eq!(jittered(d, 1.0), d);
+        assert_eq!(jittered(d, 7.0), d);
+        for _ in 0..1000 {
+            let u = random_unit();
+            assert!((0.0..1.0).contains(&u), "{u}");
+        }
     }
 
     #[test]

@@ -190,7 +190,7 @@ async fn process(ctx: &Context, delivery: Delivery, headers: Headers, span: &Spa
                 ctx.metrics.retried(format);
                 report_failure(ctx, &task, &failure.reason, attempt, false, &headers).await;
             }
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(settle::jittered(wait, settle::random_unit())).await;
             attempt += 1;
             continue;
         }
@@ -441,7 +441,8 @@ async fn park(ctx: &Context, delivery: Delivery, reason: &str, kind: &'static st
 
 /// Gives the task back after a pause, so a broker outage does not become a hot loop.
 async fn requeue_later(ctx: &Context, delivery: Delivery) {
-    tokio::time::sleep(ctx.config.policy().backoff(1)).await;
+    let pause = ctx.config.policy().backoff(1);
+    tokio::time::sleep(settle::jittered(pause, settle::random_unit())).await;
     if let Err(e) = delivery.requeue().await {
         tracing::warn!(error = %e, "requeue failed; the broker redelivers when the channel closes");
     }
