@@ -50,10 +50,11 @@ impl Policy {
 /// Header carrying how many attempts at a task started and never finished.
 pub const DELIVERIES_HEADER: &str = "x-luna-deliveries";
 
-/// `delay` with equal jitter: somewhere between half of it and all of it, `unit` (in `0..1`)
-/// choosing where, so savers that failed together do not all retry at the same instant.
+/// `delay` with jitter: somewhere between all of it and one and a half times it, `unit` (in
+/// `0..1`) choosing where, so savers that failed together do not all retry at the same instant,
+/// and the retries of a task never span less time than the schedule promises.
 pub fn jittered(delay: Duration, unit: f64) -> Duration {
-    delay.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    delay.mul_f64(1.0 + 0.5 * unit.clamp(0.0, 1.0))
 }
 
 /// A uniform value in `0..1` for [`jittered`].
@@ -287,11 +288,11 @@ mod tests {
     }
 
     #[test]
-    fn jitter_keeps_between_half_and_all_of_the_delay() {
+    fn jitter_keeps_between_all_and_one_and_a_half_times_the_delay() {
         let d = Duration::from_secs(8);
-        assert_eq!(jittered(d, 0.0), Duration::from_secs(4));
-        assert_eq!(jittered(d, 1.0), d);
-        assert_eq!(jittered(d, 7.0), d);
+        assert_eq!(jittered(d, 0.0), d);
+        assert_eq!(jittered(d, 1.0), Duration::from_secs(12));
+        assert_eq!(jittered(d, 7.0), Duration::from_secs(12));
         for _ in 0..1000 {
             let u = random_unit();
             assert!((0.0..1.0).contains(&u), "{u}");
