@@ -65,18 +65,24 @@ async fn process(ctx: &Context, delivery: Delivery, headers: Headers, span: &Spa
         .get(settle::DELIVERIES_HEADER)
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or(0);
-    let task = match delivery.task() {
-        Ok(task) => task,
-        Err(e) => {
-            let reason = e.to_string();
-            let settle = settle::settle(&Attempt::Undecodable { reason: &reason }, 1, &policy);
+    let (task, isolated) = match start(&delivery, previous, &policy, span) {
+        Start::Run { task, isolated } => (task, isolated),
+        Start::Republish { task, deliveries } => {
+            return republish(ctx, delivery, &task, &headers, deliveries).await;
+        }
+        Start::End {
+            task,
+            format,
+            settle,
+        } => {
+            let attempt = previous + 1;
             return finish(
                 ctx,
                 span,
                 delivery,
-                None,
-                "unknown",
-                previous + 1,
+                task.as_ref(),
+                format,
+                attempt,
                 settle,
                 &headers,
             )
@@ -86,48 +92,6 @@ async fn process(ctx: &Context, delivery: Delivery, headers: Headers, span: &Spa
     let job_id = task.job_id.clone();
     let index = task.image_index;
     let format = task.image.format.as_str();
-    span.record("luna.job_id", job_id.as_str());
-    span.record("luna.image.index", index);
-    span.record("luna.image.format", format);
-    if let Err(e) = task.validate() {
-        let reason = e.to_string();
-        let settle = settle::settle(&Attempt::Invalid { reason: &reason }, 1, &policy);
-        return finish(
-            ctx,
-            span,
-            delivery,
-            Some(&task),
-            format,
-            previous + 1,
-            settle,
-            &headers,
-        )
-        .await;
-    }
-    let isolated = match settle::admit(previous, delivery.delivery_count() > 0, &policy) {
-        Admission::Republish { deliveries } => {
-            return republish(ctx, delivery, &task, &headers, deliveries).await;
-        }
-        Admission::InProcess => false,
-        Admission::Isolated => true,
-        Admission::GiveUp { reason } => {
-            let settle = Settle::Park {
-                reason,
-                kind: "redelivery_limit",
-            };
-            return finish(
-                ctx,
-                span,
-                delivery,
-                Some(&task),
-                format,
-                previous + 1,
-                settle,
-                &headers,
-            )
-            .await;
-        }
-    };
     if isolated {
         tracing::info!(%job_id, index, previous, "redelivered task: saving it in an isolated process");
     }
@@ -205,6 +169,68 @@ async fn process(ctx: &Context, delivery: Delivery, headers: Headers, span: &Spa
             &headers,
         )
         .await;
+    }
+}
+
+/// How a delivery begins, before any saving.
+enum Start {
+    /// Save it, here or in an isolated child process.
+    Run { task: SaveTask, isolated: bool },
+    /// Queue it again with its count of unfinished attempts.
+    Republish { task: SaveTask, deliveries: u32 },
+    /// Settle it at once (undecodable, invalid, or too many unfinished attempts).
+    End {
+        task: Option<SaveTask>,
+        format: &'static str,
+        settle: Settle,
+    },
+}
+
+/// Decodes and validates the delivery and admits it, recording the task on the span.
+fn start(delivery: &Delivery, previous: u32, policy: &settle::Policy, span: &Span) -> Start {
+    let task = match delivery.task() {
+        Ok(task) => task,
+        Err(e) => {
+            let reason = e.to_string();
+            let settle = settle::settle(&Attempt::Undecodable { reason: &reason }, 1, policy);
+            return Start::End {
+                task: None,
+                format: "unknown",
+                settle,
+            };
+        }
+    };
+    let format = task.image.format.as_str();
+    span.record("luna.job_id", task.job_id.as_str());
+    span.record("luna.image.index", task.image_index);
+    span.record("luna.image.format", format);
+    if let Err(e) = task.validate() {
+        let reason = e.to_string();
+        let settle = settle::settle(&Attempt::Invalid { reason: &reason }, 1, policy);
+        return Start::End {
+            task: Some(task),
+            format,
+            settle,
+        };
+    }
+    match settle::admit(previous, delivery.delivery_count() > 0, policy) {
+        Admission::Republish { deliveries } => Start::Republish { task, deliveries },
+        Admission::InProcess => Start::Run {
+            task,
+            isolated: false,
+        },
+        Admission::Isolated => Start::Run {
+            task,
+            isolated: true,
+        },
+        Admission::GiveUp { reason } => Start::End {
+            task: Some(task),
+            format,
+            settle: Settle::Park {
+                reason,
+                kind: "redelivery_limit",
+            },
+        },
     }
 }
 
