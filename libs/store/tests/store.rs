@@ -171,27 +171,12 @@ fn key(job: &str, index: u32) -> TaskKey {
     }
 }
 
-/// Every entry under `dir`, recursively, as relative paths.
+/// Every file (not folder) under `dir`, recursively, as relative paths; symlinks are not followed.
 fn listing(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).expect("read dir") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(
-                    p.strip_prefix(dir)
-                        .expect("inside")
-                        .to_string_lossy()
-                        .into_owned(),
-                );
-            }
-        }
-    }
-    out.sort();
-    out
+    entries(dir)
+        .into_iter()
+        .filter(|p| !fs::symlink_metadata(dir.join(p)).is_ok_and(|m| m.is_dir()))
+        .collect()
 }
 
 fn both_identities(root: &Path) -> [LocalStore; 2] {
