@@ -132,6 +132,8 @@ pub enum EncodeError {
     Webp(i32),
     #[error("JPEG encoder failed")]
     Jpeg(#[source] jpeg_encoder::EncodingError),
+    #[error("this saver has no {0} encoder")]
+    Unsupported(&'static str),
     #[error("metadata could not be serialised")]
     Metadata(#[source] serde_json::Error),
 }
@@ -176,5 +178,8 @@ pub fn encode(
             })
         }
         ImageFormat::Jpeg => jpeg::encode(image, options.lossy_quality, meta),
+        ImageFormat::Png16 | ImageFormat::Exr | ImageFormat::Avif => {
+            Err(EncodeError::Unsupported(options.format.as_str()))
+        }
     }
 }

@@ -26,7 +26,9 @@ pub use codec::DecodeError;
 pub use event::{Event, EventKind};
 pub use id::JobId;
 pub use pixels::Pixels;
-pub use request::{BlobRef, ImageFormat, ImageInput, QualityGate, SaveOptions, SaveRequest};
+pub use request::{
+    BlobRef, HandoffRef, ImageFormat, ImageInput, QualityGate, SampleType, SaveOptions, SaveRequest,
+};
 pub use task::SaveTask;
 pub use validate::{Limits, Problem, ValidationError};
 

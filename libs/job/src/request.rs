@@ -8,6 +8,9 @@ use crate::pixels::Pixels;
 /// The `filename` template used when a request does not give one.
 pub const DEFAULT_FILENAME: &str = "%time:YYYY_mm_dd.HH.MM.SS%_%model_name%";
 
+/// EXR precision when a request does not give one: full float, so a tensor survives exactly.
+pub const DEFAULT_EXR_PRECISION: i64 = 32;
+
 /// Output format of one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -17,6 +20,11 @@ pub enum ImageFormat {
     Webp,
     #[serde(alias = "jpg")]
     Jpeg,
+    /// 16-bit PNG.
+    Png16,
+    /// OpenEXR, float samples (`exr_precision` 16 or 32 bits).
+    Exr,
+    Avif,
 }
 
 impl ImageFormat {
@@ -26,6 +34,29 @@ impl ImageFormat {
             Self::Png => "png",
             Self::Webp => "webp",
             Self::Jpeg => "jpg",
+            Self::Png16 => "png",
+            Self::Exr => "exr",
+            Self::Avif => "avif",
+        }
+    }
+
+    /// Every format, in the order help texts list them.
+    pub const ALL: [Self; 6] = [
+        Self::Png,
+        Self::Webp,
+        Self::Jpeg,
+        Self::Png16,
+        Self::Exr,
+        Self::Avif,
+    ];
+
+    /// The sample type the encoder works in: what a task for this format carries, whatever
+    /// the client sent.
+    pub fn sample_type(self) -> SampleType {
+        match self {
+            Self::Png16 => SampleType::U16,
+            Self::Exr => SampleType::F32,
+            Self::Png | Self::Webp | Self::Jpeg | Self::Avif => SampleType::U8,
         }
     }
 
@@ -35,6 +66,9 @@ impl ImageFormat {
             Self::Png => "png",
             Self::Webp => "webp",
             Self::Jpeg => "jpeg",
+            Self::Png16 => "png16",
+            Self::Exr => "exr",
+            Self::Avif => "avif",
         }
     }
 
@@ -45,6 +79,44 @@ impl ImageFormat {
             Self::Png => 65_535,
             Self::Webp => 16_383,
             Self::Jpeg => 65_535,
+            Self::Png16 => 65_535,
+            Self::Exr => 65_535,
+            // AV1 allows 65536; past 16384 a frame takes minutes to encode on a saver.
+            Self::Avif => 16_384,
+        }
+    }
+}
+
+/// How one sample (one channel of one pixel) is stored in `pixels`.
+///
+/// Multi-byte samples are little-endian. `u8` spans 0..=255 and `u16` 0..=65535; `f32` is
+/// nominally 0.0..=1.0, as a ComfyUI tensor holds it: integer formats clip it (NaN becomes 0),
+/// EXR keeps it as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleType {
+    #[default]
+    U8,
+    U16,
+    F32,
+}
+
+impl SampleType {
+    /// Bytes per sample.
+    pub fn bytes(self) -> u8 {
+        match self {
+            Self::U8 => 1,
+            Self::U16 => 2,
+            Self::F32 => 4,
+        }
+    }
+
+    /// Name as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::U8 => "u8",
+            Self::U16 => "u16",
+            Self::F32 => "f32",
         }
     }
 }
@@ -96,6 +168,8 @@ pub struct SaveOptions {
     /// JPEG and lossy WebP quality, 70..=100.
     pub lossy_quality: i64,
     pub lossless_webp: bool,
+    /// Bits per EXR sample: 16 (half) or 32 (float).
+    pub exr_precision: i64,
     /// Embed `prompt`, `extra_pnginfo`, `metadata` and `custom_metadata` in the files.
     pub embed_workflow: bool,
     /// ComfyUI API prompt.
@@ -121,6 +195,7 @@ impl Default for SaveOptions {
             png_compression: 4,
             lossy_quality: 90,
             lossless_webp: false,
+            exr_precision: DEFAULT_EXR_PRECISION,
             embed_workflow: true,
             prompt: None,
             extra_pnginfo: None,
@@ -175,12 +250,16 @@ pub(crate) fn json_kind(v: &Value) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ImageInput {
-    /// Row-major 8-bit samples; `len == width * height * channels`.
+    /// Row-major samples of type `sample`; `len == width * height * channels * sample bytes`.
     pub pixels: Pixels,
     pub width: u32,
     pub height: u32,
     /// 1 (gray), 3 (RGB) or 4 (RGBA).
     pub channels: u32,
+    /// How each sample of `pixels` is stored; 8-bit unless given.
+    pub sample: SampleType,
+    /// Stem of the file the image came from, for `%source%` (`luna submit` fills it).
+    pub source: String,
     /// Appended to the stem (`<stem>_<affix>`) and, with `subdir`, the name of a sub-folder.
     pub affix: String,
     pub format: ImageFormat,
@@ -192,6 +271,20 @@ pub struct ImageInput {
     /// Set by the gateway instead of `pixels` when a frame is too large to travel inline: the
     /// pixels wait in the shared blob store (claim check). Clients never set it.
     pub blob: Option<BlobRef>,
+    /// Instead of `pixels`: where a client on the gateway's machine left them in the gateway's
+    /// hand-off directory (shared memory). The gateway reads them before it answers, so the
+    /// client may reuse the segment afterwards; tasks never carry it.
+    pub handoff: Option<HandoffRef>,
+}
+
+/// Pixels left by a local client in the gateway's hand-off directory (see `GET /v1/handoff`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffRef {
+    /// File name inside the hand-off directory (no folders).
+    pub name: String,
+    /// Where this image's samples start in that file; its length follows from the shape.
+    #[serde(default)]
+    pub offset: u64,
 }
 
 /// Where a large frame's pixels wait: a file in the blob store shared by gateways and savers.
@@ -212,20 +305,26 @@ impl Default for ImageInput {
             width: 0,
             height: 0,
             channels: 3,
+            sample: SampleType::U8,
+            source: String::new(),
             affix: String::new(),
             format: ImageFormat::Png,
             subdir: true,
             batch_index: None,
             batch_size: None,
             blob: None,
+            handoff: None,
         }
     }
 }
 
 impl ImageInput {
-    /// `width * height * channels`, without overflow.
+    /// `width * height * channels * bytes per sample`, without overflow.
     pub fn expected_len(&self) -> u64 {
-        u64::from(self.width) * u64::from(self.height) * u64::from(self.channels)
+        u64::from(self.width)
+            * u64::from(self.height)
+            * u64::from(self.channels)
+            * u64::from(self.sample.bytes())
     }
 
     /// The batch suffix to append to the stem, when the image is one of a batch.
@@ -254,6 +353,7 @@ pub struct SaveRequest {
     pub png_compression: i64,
     pub lossy_quality: i64,
     pub lossless_webp: bool,
+    pub exr_precision: i64,
     pub embed_workflow: bool,
     pub prompt: Option<Value>,
     pub extra_pnginfo: Option<Value>,
@@ -282,6 +382,7 @@ impl SaveRequest {
             png_compression: o.png_compression,
             lossy_quality: o.lossy_quality,
             lossless_webp: o.lossless_webp,
+            exr_precision: o.exr_precision,
             embed_workflow: o.embed_workflow,
             prompt: o.prompt,
             extra_pnginfo: o.extra_pnginfo,
@@ -304,6 +405,7 @@ impl SaveRequest {
             png_compression: self.png_compression,
             lossy_quality: self.lossy_quality,
             lossless_webp: self.lossless_webp,
+            exr_precision: self.exr_precision,
             embed_workflow: self.embed_workflow,
             prompt: self.prompt.clone(),
             extra_pnginfo: self.extra_pnginfo.clone(),

@@ -25,6 +25,9 @@ pub const MAX_MODEL_NAME_LEN: usize = 1024;
 /// Longest affix accepted, in bytes.
 pub const MAX_AFFIX_LEN: usize = 128;
 
+/// Longest `source` (a file stem) accepted, in bytes: one path component.
+pub const MAX_SOURCE_LEN: usize = 255;
+
 /// Deployment limits that are not part of the data model itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -154,6 +157,12 @@ impl SaveTask {
             ));
         }
         options_problems(&self.options, &mut out);
+        if self.image.handoff.is_some() {
+            out.push(Problem::new(
+                "image.handoff",
+                "is resolved by the gateway; a task carries pixels or a blob",
+            ));
+        }
         image_problems("image", &self.image, &mut out);
         ValidationError::check(out)
     }
@@ -202,6 +211,15 @@ fn options_problems(o: &SaveOptions, out: &mut Vec<Problem>) {
             format!("is {}; allowed 70 to 100", o.lossy_quality),
         ));
     }
+    if !matches!(o.exr_precision, 16 | 32) {
+        out.push(Problem::new(
+            "exr_precision",
+            format!(
+                "is {}; allowed 16 (half float) or 32 (float)",
+                o.exr_precision
+            ),
+        ));
+    }
     for (field, value) in [("prompt", &o.prompt), ("metadata", &o.metadata)] {
         object_or_null(field, value.as_ref(), out);
     }
@@ -246,6 +264,17 @@ fn metadata_key_problems<'a>(
             ));
         }
     }
+}
+
+/// A name made of ASCII letters, digits, `.`, `_` and `-`, not starting with a dot, at most
+/// 128 bytes: safe to open inside one directory, never a path.
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.starts_with('.')
 }
 
 /// Checks a metadata key against the PNG text-chunk keyword rules (1 to 79 printable Latin-1
@@ -294,15 +323,22 @@ fn image_problems(field: &str, image: &ImageInput, out: &mut Vec<Problem>) {
         }
     }
     let expected = image.expected_len();
+    let per_sample = match image.sample {
+        crate::SampleType::U8 => String::new(),
+        other => format!(" x {} bytes per {} sample", other.bytes(), other.as_str()),
+    };
+    let shape = format!(
+        "width {} x height {} x channels {}{per_sample} needs {expected}",
+        image.width, image.height, image.channels
+    );
+    if image.blob.is_some() && image.handoff.is_some() {
+        out.push(Problem::new(
+            format!("{field}.handoff"),
+            "cannot be given with blob; give one source of pixels",
+        ));
+    }
     if let Some(blob) = &image.blob {
-        let simple = !blob.name.is_empty()
-            && blob.name.len() <= 128
-            && blob
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            && !blob.name.starts_with('.');
-        if !simple {
+        if !is_plain_file_name(&blob.name) {
             out.push(Problem::new(
                 format!("{field}.blob.name"),
                 format!("{:?} is not a plain file name", blob.name),
@@ -311,18 +347,34 @@ fn image_problems(field: &str, image: &ImageInput, out: &mut Vec<Problem>) {
         if blob.len != expected || !image.pixels.is_empty() {
             out.push(Problem::new(
                 format!("{field}.blob.len"),
-                format!("is {}; width {} x height {} x channels {} needs {expected}, with no inline pixels", blob.len, image.width, image.height, image.channels),
+                format!("is {}; {shape}, with no inline pixels", blob.len),
+            ));
+        }
+    } else if let Some(handoff) = &image.handoff {
+        if !is_plain_file_name(&handoff.name) {
+            out.push(Problem::new(
+                format!("{field}.handoff.name"),
+                format!("{:?} is not a plain file name", handoff.name),
+            ));
+        }
+        if !image.pixels.is_empty() {
+            out.push(Problem::new(
+                format!("{field}.pixels"),
+                "must be empty when handoff is given",
             ));
         }
     } else if image.pixels.len() as u64 != expected {
         out.push(Problem::new(
             format!("{field}.pixels"),
+            format!("has {} bytes; {shape}", image.pixels.len()),
+        ));
+    }
+    if image.source.len() > MAX_SOURCE_LEN {
+        out.push(Problem::new(
+            format!("{field}.source"),
             format!(
-                "has {} bytes; width {} x height {} x channels {} needs {expected}",
-                image.pixels.len(),
-                image.width,
-                image.height,
-                image.channels
+                "is {} bytes long; at most {MAX_SOURCE_LEN}",
+                image.source.len()
             ),
         ));
     }

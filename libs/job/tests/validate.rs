@@ -178,3 +178,43 @@ fn model_name_is_bounded_because_templates_copy_it() {
         )]
     );
 }
+
+#[test]
+fn deep_samples_count_their_bytes_and_exr_precision_is_16_or_32() {
+    let mut deep = image(2, 2, 3);
+    deep.sample = luna_job::SampleType::F32;
+    let req = SaveRequest {
+        exr_precision: 24,
+        images: vec![deep],
+        ..Default::default()
+    };
+    let found = problems(&req);
+    assert!(
+        found.contains(&"exr_precision is 24; allowed 16 (half float) or 32 (float)".to_owned()),
+        "{found:#?}"
+    );
+    assert!(
+        found.contains(&"images[0].pixels has 12 bytes; width 2 x height 2 x channels 3 x 4 bytes per f32 sample needs 48".to_owned()),
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn a_handoff_is_a_plain_name_and_never_in_a_task() {
+    let mut img = image(2, 2, 3);
+    img.pixels = Vec::new().into();
+    img.handoff = Some(luna_job::HandoffRef {
+        name: "../etc/passwd".into(),
+        offset: 0,
+    });
+    let req = SaveRequest {
+        images: vec![img],
+        ..Default::default()
+    };
+    let found = problems(&req);
+    assert_eq!(
+        found,
+        ["images[0].handoff.name \"../etc/passwd\" is not a plain file name"],
+        "{found:#?}"
+    );
+}
