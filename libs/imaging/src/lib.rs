@@ -15,6 +15,7 @@ pub mod gate;
 pub mod jpeg;
 pub mod metadata;
 pub mod png;
+pub mod samples;
 pub mod template;
 pub mod webp;
 
