@@ -1,7 +1,9 @@
 //! Quality gates: scores in 0..=1 that say whether an image is worth keeping.
 //!
 //! Luminance is `Y = 0.299 R + 0.587 G + 0.114 B` on the 0..255 scale (a gray image's value is
-//! its luminance; alpha is ignored). Both scores are computed in one pass over the pixels with
+//! its luminance; alpha is ignored). Every sample type is scored on that scale, from its own
+//! samples without rounding to 8 bits: `u16` as `x / 257`, `f32` as `clamp(x, 0, 1) * 255`
+//! (NaN as 0), so an 8-bit frame and the same frame widened to 16-bit or float score alike. Both scores are computed in one pass over the pixels with
 //! two rows of luminance in memory, so a 4K frame costs no large buffers.
 //!
 //! - `variance`: `min(1, var(Y) / 3000)`, population variance.
@@ -10,7 +12,7 @@
 //!   one pixel tall or wide has no differences in that direction, whose mean counts as 0.
 //! - `both`: each score must reach the threshold; the reported score is their mean.
 
-use luna_job::QualityGate;
+use luna_job::{QualityGate, SampleType};
 
 use crate::ImageView;
 
@@ -66,7 +68,7 @@ pub fn scores(image: &ImageView<'_>) -> Scores {
     let (mut sum, mut sum_sq) = (0f64, 0f64);
     let (mut sum_gx, mut sum_gy) = (0f64, 0f64);
     for (r, row) in image.rows().enumerate() {
-        luminance_row(row, image.channels, &mut cur);
+        luminance_row(row, image.channels, image.sample, &mut cur);
         let k = *shift.get_or_insert(cur[0]);
         let (mut row_sum, mut row_sq, mut row_gy) = (0f64, 0f64, 0f64);
         for c in 0..w {
@@ -107,14 +109,43 @@ pub fn scores(image: &ImageView<'_>) -> Scores {
     }
 }
 
-fn luminance_row(row: &[u8], channels: u8, out: &mut [f64]) {
+fn luminance_row(row: &[u8], channels: u8, sample: SampleType, out: &mut [f64]) {
+    match sample {
+        SampleType::U8 => luminance_of::<1>(row, channels, out, |b| f64::from(b[0])),
+        SampleType::U16 => luminance_of::<2>(row, channels, out, |b| {
+            f64::from(u16::from_le_bytes([b[0], b[1]])) / 257.0
+        }),
+        SampleType::F32 => luminance_of::<4>(row, channels, out, |b| {
+            let x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            // NaN counts as 0, as in the integer conversions.
+            if x.is_nan() {
+                0.0
+            } else {
+                f64::from(x.clamp(0.0, 1.0)) * 255.0
+            }
+        }),
+    }
+}
+
+/// Luminance of each pixel of `row`, reading each sample of `SIZE` bytes with `value`.
+#[inline]
+fn luminance_of<const SIZE: usize>(
+    row: &[u8],
+    channels: u8,
+    out: &mut [f64],
+    value: impl Fn(&[u8]) -> f64,
+) {
+    let channels = usize::from(channels);
+    let size = SIZE;
     if channels == 1 {
-        for (o, &v) in out.iter_mut().zip(row) {
-            *o = f64::from(v);
+        for (o, b) in out.iter_mut().zip(row.chunks_exact(size)) {
+            *o = value(b);
         }
     } else {
-        for (o, px) in out.iter_mut().zip(row.chunks_exact(usize::from(channels))) {
-            *o = 0.299 * f64::from(px[0]) + 0.587 * f64::from(px[1]) + 0.114 * f64::from(px[2]);
+        for (o, px) in out.iter_mut().zip(row.chunks_exact(size * channels)) {
+            *o = 0.299 * value(&px[..size])
+                + 0.587 * value(&px[size..2 * size])
+                + 0.114 * value(&px[2 * size..3 * size]);
         }
     }
 }
@@ -275,5 +306,40 @@ mod tests {
             v.score >= 0.5,
             "the mean may exceed the threshold while one score does not"
         );
+    }
+
+    #[test]
+    fn every_sample_type_scores_on_the_same_scale() {
+        let (w, h) = (13u32, 7u32);
+        for channels in [1u8, 3, 4] {
+            let px: Vec<u8> = (0..w * h * u32::from(channels))
+                .map(|i| (i * 37 % 251) as u8)
+                .collect();
+            let base = scores(&view(&px, w, h, channels));
+            for sample in [SampleType::U16, SampleType::F32] {
+                let wide = crate::samples::convert(&px, SampleType::U8, sample).expect("convert");
+                let v = ImageView::with_sample(&wide, w, h, channels, sample).expect("view");
+                let s = scores(&v);
+                // x / 255 in f32 carries a relative error of about 6e-8.
+                let tolerance = if sample == SampleType::F32 {
+                    1e-6
+                } else {
+                    1e-12
+                };
+                assert!(
+                    (s.variance - base.variance).abs() < tolerance
+                        && (s.edge_density - base.edge_density).abs() < tolerance,
+                    "{sample:?} x{channels}: {s:?} vs {base:?}"
+                );
+            }
+        }
+        // Float beyond 0..1 and NaN clip as the integer conversions do.
+        let floats: Vec<u8> = [f32::NAN, -1.0, 2.0, 1.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let clipped = [0u8, 0, 255, 255];
+        let f = scores(&ImageView::with_sample(&floats, 2, 2, 1, SampleType::F32).expect("view"));
+        assert_eq!(f, scores(&view(&clipped, 2, 2, 1)));
     }
 }

@@ -3,7 +3,7 @@
 use jpeg_encoder::{ChromaSubsamplingMethod, ColorType, Encoder, SamplingFactor};
 
 use crate::metadata::Metadata;
-use crate::{EncodeError, Encoded, ImageView, exif};
+use crate::{EncodeError, Encoded, ImageView};
 
 /// Largest TIFF payload of one APP1 segment: 65535 minus the length field (2) and `Exif\0\0` (6).
 pub const MAX_EXIF_LEN: usize = 65_527;
@@ -70,7 +70,7 @@ fn exif_and_sidecar(meta: &Metadata) -> Result<ExifAndSidecar, EncodeError> {
     if meta.is_empty() {
         return Ok((None, None));
     }
-    let full = exif::build(&meta.exif_entries());
+    let full = meta.exif();
     if full.len() <= MAX_EXIF_LEN {
         return Ok((Some(full), None));
     }
@@ -85,12 +85,12 @@ fn exif_and_sidecar(meta: &Metadata) -> Result<ExifAndSidecar, EncodeError> {
         if let Some(entry) = meta.entries.iter().find(|e| e.key == key) {
             let mut candidate = kept.clone();
             candidate.entries.push(entry.clone());
-            if exif::build(&candidate.exif_entries()).len() <= MAX_EXIF_LEN {
+            if candidate.exif().len() <= MAX_EXIF_LEN {
                 kept = candidate;
             }
         }
     }
-    Ok((Some(exif::build(&kept.exif_entries())), Some(sidecar)))
+    Ok((Some(kept.exif()), Some(sidecar)))
 }
 
 /// RGBA to RGB over a white background, rounding to nearest.

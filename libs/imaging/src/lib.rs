@@ -8,7 +8,9 @@
 //! - [`template`]: `%model_name%`, `%index%`, `%time:FMT%` ... and path safety.
 //! - [`gate`]: `variance`, `edge_density` and `both` scores.
 //! - [`metadata`]: what is embedded (ComfyUI's keys, A1111 `parameters`, custom keys).
-//! - [`png`], [`webp`], [`jpeg`]: the encoders; [`exif`] builds ComfyUI-style EXIF.
+//! - [`png`] (8- and 16-bit), [`webp`], [`jpeg`]: the encoders; [`exif`] builds ComfyUI-style
+//!   EXIF (with A1111's `UserComment`).
+//! - [`samples`]: conversion between the contract's sample types (`u8`, `u16`, `f32`).
 
 pub mod exif;
 pub mod gate;
@@ -19,40 +21,64 @@ pub mod samples;
 pub mod template;
 pub mod webp;
 
-use luna_job::ImageFormat;
+use std::borrow::Cow;
+
+use luna_job::{ImageFormat, SampleType};
 
 pub use metadata::Metadata;
 
-/// Borrowed 8-bit pixels with their shape.
+/// Borrowed pixels with their shape and sample type: row-major, channels interleaved, each
+/// sample as the contract stores it (`u8`, or little-endian `u16` / `f32` bytes).
 #[derive(Debug, Clone, Copy)]
 pub struct ImageView<'a> {
     pixels: &'a [u8],
     width: u32,
     height: u32,
     channels: u8,
+    sample: SampleType,
 }
 
 /// Pixels that do not match their declared shape.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{len} pixel bytes do not fit {width}x{height} with {channels} channels")]
+#[error(
+    "{len} pixel bytes do not fit {width}x{height} with {channels} channels of {sample:?} samples"
+)]
 pub struct ShapeError {
     pub len: usize,
     pub width: u32,
     pub height: u32,
     pub channels: u8,
+    pub sample: SampleType,
 }
 
 impl<'a> ImageView<'a> {
+    /// A view of 8-bit samples.
+    ///
     /// # Errors
-    /// [`ShapeError`] unless `channels` is 1, 3 or 4, both sides are non-zero and
-    /// `pixels.len() == width * height * channels`.
+    /// As [`ImageView::with_sample`].
     pub fn new(
         pixels: &'a [u8],
         width: u32,
         height: u32,
         channels: u8,
     ) -> Result<Self, ShapeError> {
-        let expected = u64::from(width) * u64::from(height) * u64::from(channels);
+        Self::with_sample(pixels, width, height, channels, SampleType::U8)
+    }
+
+    /// A view of samples of type `sample`.
+    ///
+    /// # Errors
+    /// [`ShapeError`] unless `channels` is 1, 3 or 4, both sides are non-zero and
+    /// `pixels.len() == width * height * channels * sample.bytes()`.
+    pub fn with_sample(
+        pixels: &'a [u8],
+        width: u32,
+        height: u32,
+        channels: u8,
+        sample: SampleType,
+    ) -> Result<Self, ShapeError> {
+        let expected =
+            u64::from(width) * u64::from(height) * u64::from(channels) * u64::from(sample.bytes());
         if width == 0
             || height == 0
             || !matches!(channels, 1 | 3 | 4)
@@ -63,6 +89,7 @@ impl<'a> ImageView<'a> {
                 width,
                 height,
                 channels,
+                sample,
             });
         }
         Ok(Self {
@@ -70,11 +97,16 @@ impl<'a> ImageView<'a> {
             width,
             height,
             channels,
+            sample,
         })
     }
 
+    /// The samples' bytes (little-endian for `u16` and `f32`).
     pub fn pixels(&self) -> &'a [u8] {
         self.pixels
+    }
+    pub fn sample(&self) -> SampleType {
+        self.sample
     }
     pub fn width(&self) -> u32 {
         self.width
@@ -88,7 +120,19 @@ impl<'a> ImageView<'a> {
 
     /// Bytes per row.
     pub fn stride(&self) -> usize {
-        self.width as usize * usize::from(self.channels)
+        self.width as usize * usize::from(self.channels) * usize::from(self.sample.bytes())
+    }
+
+    /// The same image with samples of type `to`: borrowed when it already has them, else
+    /// converted with [`samples::convert`] (ComfyUI's rounding).
+    ///
+    /// # Errors
+    /// [`samples::SampleLenError`] only if the view were ragged, which `with_sample` refuses.
+    pub fn to_sample(&self, to: SampleType) -> Result<Cow<'a, [u8]>, samples::SampleLenError> {
+        if self.sample == to {
+            return Ok(Cow::Borrowed(self.pixels));
+        }
+        samples::convert(self.pixels, self.sample, to).map(Cow::Owned)
     }
 
     /// The rows, top to bottom.
@@ -135,11 +179,15 @@ pub enum EncodeError {
     Jpeg(#[source] jpeg_encoder::EncodingError),
     #[error("this saver has no {0} encoder")]
     Unsupported(&'static str),
+    #[error("samples could not be converted")]
+    Samples(#[from] samples::SampleLenError),
     #[error("metadata could not be serialised")]
     Metadata(#[source] serde_json::Error),
 }
 
-/// Encodes `image` in the requested format with `meta` embedded.
+/// Encodes `image` in the requested format with `meta` embedded. Samples of another type than
+/// the format's own ([`ImageFormat::sample_type`]) are converted first, so any producer's
+/// frame can be saved in any format.
 ///
 /// # Errors
 /// [`EncodeError`] when a codec refuses the image (size limits, allocation failure).
@@ -148,6 +196,18 @@ pub fn encode(
     options: &EncodeOptions,
     meta: &Metadata,
 ) -> Result<Encoded, EncodeError> {
+    let converted = image.to_sample(options.format.sample_type())?;
+    let image = &ImageView::with_sample(
+        &converted,
+        image.width,
+        image.height,
+        image.channels,
+        options.format.sample_type(),
+    )
+    .map_err(|_| samples::SampleLenError {
+        len: converted.len(),
+        sample: options.format.sample_type().as_str(),
+    })?;
     let max = options.format.max_side();
     if image.width > max || image.height > max {
         return Err(EncodeError::TooLarge {
@@ -158,7 +218,7 @@ pub fn encode(
         });
     }
     match options.format {
-        ImageFormat::Png => {
+        ImageFormat::Png | ImageFormat::Png16 => {
             let bytes = png::encode(image, options.png_compression, &meta.png_text_chunks())?;
             Ok(Encoded {
                 bytes,
@@ -171,7 +231,7 @@ pub fn encode(
             } else {
                 webp::Quality::Lossy(options.lossy_quality)
             };
-            let exif = (!meta.is_empty()).then(|| exif::build(&meta.exif_entries()));
+            let exif = (!meta.is_empty()).then(|| meta.exif());
             let bytes = webp::encode(image, quality, exif.as_deref())?;
             Ok(Encoded {
                 bytes,
@@ -179,7 +239,7 @@ pub fn encode(
             })
         }
         ImageFormat::Jpeg => jpeg::encode(image, options.lossy_quality, meta),
-        ImageFormat::Png16 | ImageFormat::Exr | ImageFormat::Avif => {
+        ImageFormat::Exr | ImageFormat::Avif => {
             Err(EncodeError::Unsupported(options.format.as_str()))
         }
     }

@@ -140,6 +140,18 @@ impl Metadata {
             .collect()
     }
 
+    /// The EXIF (TIFF data) for JPEG, WebP and AVIF: [`Metadata::exif_entries`] in IFD0, and
+    /// A1111 `parameters`, when present, also as `UserComment` in the Exif sub-IFD, where
+    /// A1111, Civitai and Image-Saver read it.
+    pub fn exif(&self) -> Vec<u8> {
+        let comment = self
+            .entries
+            .iter()
+            .find(|e| e.key == "parameters")
+            .map(|e| crate::exif::user_comment(&e.value.to_text()));
+        crate::exif::build_with_user_comment(&self.exif_entries(), comment.as_deref())
+    }
+
     /// All entries as one JSON object (the `<file>.json` sidecar): JSON values stay JSON.
     ///
     /// # Errors

@@ -1,6 +1,7 @@
 //! `save_path` and `filename` templates.
 //!
-//! Tokens: `%model_name%`, `%model_path%`, `%model_dir%`, `%index%` and `%time:FMT%`. A token's
+//! Tokens: `%model_name%`, `%model_path%`, `%model_dir%`, `%index%`, `%source%` (the stem of the
+//! file the image came from, as `luna submit` fills it; empty when absent) and `%time:FMT%`. A token's
 //! closing `%` may double as the opening `%` of the next token, so `%time:YYYY-mm-dd_%index%`
 //! renders as `2025-12-09_0`. Unknown tokens stay literal. After rendering, characters that are
 //! unsafe in file names on common systems (`<>:"|?*`, `\` and control characters) become `_`.
@@ -23,6 +24,8 @@ pub struct TemplateContext<'a> {
     pub model_name: &'a str,
     /// The request's `index`.
     pub index: i64,
+    /// The image's `source`: the stem of the file it came from, or empty.
+    pub source: &'a str,
     /// The job's submission time, in the gateway's UTC offset.
     pub time: DateTime<FixedOffset>,
 }
@@ -118,6 +121,7 @@ fn token_at(s: &str, ctx: &TemplateContext<'_>) -> Option<(String, usize)> {
         "model_path" => model_path(ctx.model_name),
         "model_dir" => model_dir(ctx.model_name),
         "index" => ctx.index.to_string(),
+        "source" => source_name(ctx.source),
         _ => format_time(name.strip_prefix("time:")?, &ctx.time),
     };
     Some((value, close))
@@ -134,6 +138,17 @@ fn normalized_model(model: &str) -> String {
         .find(|ext| lower.ends_with(*ext))
         .map_or(path.len(), |ext| path.len() - ext.len());
     path[..cut].to_owned()
+}
+
+/// `%source%`: one file-name component. Separators become `_` (a source never adds folders)
+/// and a name of dots only (`.`, `..`) becomes as many `_`, so it never leaves its folder;
+/// the rest is sanitised with the whole rendered path.
+pub fn source_name(source: &str) -> String {
+    let name = source.replace(['/', '\\'], "_");
+    if !name.is_empty() && name.bytes().all(|b| b == b'.') {
+        return "_".repeat(name.len());
+    }
+    name
 }
 
 /// `%model_name%`: the file name without directory and extension.
@@ -202,6 +217,7 @@ mod tests {
         TemplateContext {
             model_name: model,
             index: 0,
+            source: "",
             time: DateTime::parse_from_rfc3339("2025-12-09T14:03:07+09:00").expect("time"),
         }
     }
@@ -301,6 +317,19 @@ mod tests {
         assert_eq!(
             render_relative("..a/b..", &c).expect("not a parent"),
             ["..a", "b.."]
+        );
+    }
+
+    #[test]
+    fn source_is_one_sanitised_component_or_empty() {
+        let with = |source| TemplateContext { source, ..ctx("") };
+        assert_eq!(render("%source%", &with("photo")), "photo");
+        assert_eq!(render("out_%source%_%index%", &with("")), "out__0");
+        assert_eq!(render("%source%", &with("a/b\\c:d")), "a_b_c_d");
+        assert_eq!(render("%source%", &with("..")), "__");
+        assert_eq!(
+            render_relative("x/%source%", &with("../..")).expect("stays inside"),
+            ["x", ".._.."]
         );
     }
 }

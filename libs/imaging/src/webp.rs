@@ -131,13 +131,21 @@ const VP8X_EXIF: u8 = 0x08;
 const VP8X_ALPHA: u8 = 0x10;
 
 /// Rewrites a simple WebP (`RIFF..WEBP` + `VP8 `/`VP8L`, or libwebp's own `VP8X`+`ALPH`+`VP8 `)
-/// as an extended one with an `EXIF` chunk after the image data, as the container spec orders.
+/// as an extended one with the `EXIF` chunk directly after `VP8X`, before the image chunks.
+///
+/// The container spec suggests EXIF after the image data, but ComfyUI's frontends before the
+/// RIFF padding fix (1.27.x, ComfyUI's pinned one) step from chunk to chunk by `8 + size`
+/// without the pad byte, so any odd-length chunk before `EXIF` (an `ALPH`, `VP8 ` or `VP8L`
+/// of odd size: about half of all files) makes them miss it. Right after `VP8X` (10 bytes,
+/// even) nothing odd precedes it. libwebp's decoder and demuxer, Pillow and browsers read
+/// metadata chunks in any position (tests/interop checks Pillow and libwebp).
 fn with_exif(bitstream: &[u8], image: &ImageView<'_>, exif: &[u8]) -> Vec<u8> {
     let body = &bitstream[12..]; // after "RIFF" size "WEBP"
     let mut chunks = Vec::with_capacity(body.len() + exif.len() + 40);
-    if body.starts_with(b"VP8X") {
-        chunks.extend_from_slice(body);
+    let image_chunks = if body.starts_with(b"VP8X") && body.len() >= VP8X_CHUNK_LEN {
+        chunks.extend_from_slice(&body[..VP8X_CHUNK_LEN]);
         chunks[8] |= VP8X_EXIF;
+        &body[VP8X_CHUNK_LEN..]
     } else {
         let mut flags = VP8X_EXIF;
         if image.channels() == 4 {
@@ -148,9 +156,10 @@ fn with_exif(bitstream: &[u8], image: &ImageView<'_>, exif: &[u8]) -> Vec<u8> {
         vp8x[4..7].copy_from_slice(&(image.width() - 1).to_le_bytes()[..3]);
         vp8x[7..10].copy_from_slice(&(image.height() - 1).to_le_bytes()[..3]);
         push_chunk(&mut chunks, b"VP8X", &vp8x);
-        chunks.extend_from_slice(body);
-    }
+        body
+    };
     push_chunk(&mut chunks, b"EXIF", exif);
+    chunks.extend_from_slice(image_chunks);
     let mut out = Vec::with_capacity(12 + chunks.len());
     out.extend_from_slice(b"RIFF");
     out.extend_from_slice(
@@ -163,11 +172,105 @@ fn with_exif(bitstream: &[u8], image: &ImageView<'_>, exif: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `VP8X` fourcc, size and its 10 bytes of payload.
+const VP8X_CHUNK_LEN: usize = 18;
+
 fn push_chunk(out: &mut Vec<u8>, fourcc: &[u8; 4], data: &[u8]) {
     out.extend_from_slice(fourcc);
     out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(data);
     if data.len() % 2 == 1 {
         out.push(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunks (fourcc, payload length) the way ComfyUI's frontend before the padding fix walks
+    /// them: from byte 12, stepping `8 + size` with no pad byte, stopping at `EXIF`.
+    fn old_frontend_finds_exif(file: &[u8]) -> bool {
+        let mut offset = 12;
+        while offset + 8 <= file.len() {
+            let fourcc = &file[offset..offset + 4];
+            let len = u32::from_le_bytes([
+                file[offset + 4],
+                file[offset + 5],
+                file[offset + 6],
+                file[offset + 7],
+            ]) as usize;
+            if fourcc == b"EXIF" {
+                return offset + 8 + len <= file.len();
+            }
+            offset += 8 + len;
+        }
+        false
+    }
+
+    /// Every chunk with its pad byte, as the spec walks them.
+    fn chunks(file: &[u8]) -> Vec<([u8; 4], usize)> {
+        let mut out = Vec::new();
+        let mut offset = 12;
+        while offset + 8 <= file.len() {
+            let mut fourcc = [0u8; 4];
+            fourcc.copy_from_slice(&file[offset..offset + 4]);
+            let len = u32::from_le_bytes([
+                file[offset + 4],
+                file[offset + 5],
+                file[offset + 6],
+                file[offset + 7],
+            ]) as usize;
+            out.push((fourcc, len));
+            offset += 8 + len + len % 2;
+        }
+        assert_eq!(offset, file.len(), "chunks tile the file");
+        out
+    }
+
+    #[test]
+    fn exif_is_found_after_odd_and_even_image_chunks() {
+        let exif = crate::exif::build(&[(0x010F, "workflow:{}".into())]);
+        let (mut odd, mut even) = (0, 0);
+        // Sizes and contents vary the image chunk's length; every case must keep EXIF visible.
+        for side in 1..=12u32 {
+            for channels in [3u8, 4] {
+                for quality in [Quality::Lossless, Quality::Lossy(90)] {
+                    let px: Vec<u8> = (0..side * side * u32::from(channels))
+                        .map(|i| (i * 97 % 253) as u8)
+                        .collect();
+                    let view = ImageView::new(&px, side, side, channels).expect("view");
+                    let plain = encode(&view, quality, None).expect("encode");
+                    let image_len = chunks(&plain).last().expect("image chunk").1;
+                    if image_len % 2 == 1 {
+                        odd += 1;
+                    } else {
+                        even += 1;
+                    }
+                    let file = encode(&view, quality, Some(&exif)).expect("encode");
+                    let list = chunks(&file);
+                    assert_eq!(&list[0].0, b"VP8X");
+                    assert_eq!(&list[1].0, b"EXIF");
+                    assert!(
+                        old_frontend_finds_exif(&file),
+                        "{side}x{side}x{channels} {quality:?}: {list:?}"
+                    );
+                    assert_eq!(file[12 + 8] & VP8X_EXIF, VP8X_EXIF);
+                }
+            }
+        }
+        assert!(
+            odd > 0 && even > 0,
+            "both parities covered: {odd} odd, {even} even"
+        );
+    }
+
+    #[test]
+    fn the_old_walk_misses_exif_after_an_odd_chunk() {
+        // What the placement avoids: EXIF after an odd-length image chunk.
+        let mut file = b"RIFF\0\0\0\0WEBP".to_vec();
+        push_chunk(&mut file, b"VP8L", &[1, 2, 3]);
+        push_chunk(&mut file, b"EXIF", b"II*\0");
+        assert!(!old_frontend_finds_exif(&file));
     }
 }

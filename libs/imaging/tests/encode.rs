@@ -5,7 +5,7 @@ use chrono::DateTime;
 use image::ImageDecoder;
 use luna_imaging::metadata::Metadata;
 use luna_imaging::{EncodeOptions, ImageView, encode};
-use luna_job::{ImageFormat, ImageInput, JobId, SaveRequest, SaveTask};
+use luna_job::{ImageFormat, ImageInput, JobId, SampleType, SaveRequest, SaveTask};
 use serde_json::{Value, json};
 
 /// A public-domain photograph (NASA), 256x256 RGB.
@@ -240,10 +240,12 @@ fn png_embeds_comfyui_text_chunks() {
 }
 
 #[test]
-fn non_latin1_text_goes_into_itxt() {
+fn non_ascii_text_goes_into_itxt() {
     let px = [0u8; 3];
     let mut task = task_with_metadata(1, 1, json!({}));
     task.options.metadata = Some(json!({"positive": "月の光"}));
+    // Latin-1 is not enough for tEXt: ComfyUI's frontend decodes tEXt as UTF-8.
+    task.options.custom_metadata = Some(json!({"artist": "Zoë"}));
     let out = encode(
         &ImageView::new(&px, 1, 1, 3).expect("view"),
         &options(ImageFormat::Png),
@@ -259,8 +261,13 @@ fn non_latin1_text_goes_into_itxt() {
         .collect();
     assert_eq!(
         itxt,
-        ["parameters"],
-        "only the non-Latin-1 text needs iTXt; JSON is escaped to ASCII"
+        ["parameters", "artist"],
+        "only non-ASCII text needs iTXt; JSON is escaped to ASCII"
+    );
+    assert!(
+        png_texts(&out.bytes)
+            .iter()
+            .any(|(k, v)| k == "artist" && v == "Zoë")
     );
     assert!(
         png_texts(&out.bytes)
@@ -372,9 +379,10 @@ fn webp_lossy_is_close_and_carries_comfyui_exif() {
 
     let chunks = riff_chunks(&out.bytes);
     let names: Vec<&str> = chunks.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(names, ["VP8X", "VP8 ", "EXIF"]);
+    // EXIF right after VP8X, so no odd-length chunk precedes it (see webp.rs).
+    assert_eq!(names, ["VP8X", "EXIF", "VP8 "]);
     assert_eq!(chunks[0].1[0] & 0x08, 0x08, "VP8X announces EXIF");
-    let tags = exif_ascii_tags(&chunks[2].1);
+    let tags = exif_ascii_tags(&chunks[1].1);
     let tag = |t: u16| {
         tags.iter()
             .find(|(k, _)| *k == t)
@@ -410,7 +418,7 @@ fn webp_with_alpha_keeps_alpha_and_exif() {
         .into_iter()
         .map(|(k, _)| k)
         .collect();
-    assert_eq!(names, ["VP8X", "ALPH", "VP8 ", "EXIF"]);
+    assert_eq!(names, ["VP8X", "EXIF", "ALPH", "VP8 "]);
     let decoded =
         image::load_from_memory_with_format(&out.bytes, image::ImageFormat::WebP).expect("decode");
     assert!(decoded.color().has_alpha());
@@ -534,4 +542,181 @@ fn jpeg_carries_exif_and_spills_oversized_metadata_to_a_sidecar() {
         "the small prompt still fits"
     );
     assert!(!values.iter().any(|v| v.starts_with("workflow:")));
+}
+
+/// Float samples with values that exercise rounding and clipping, as little-endian bytes.
+fn float_frame(w: u32, h: u32, channels: u8) -> (Vec<f32>, Vec<u8>) {
+    let n = (w * h * u32::from(channels)) as usize;
+    let values: Vec<f32> = (0..n)
+        .map(|i| match i % 11 {
+            0 => -0.25,
+            1 => 1.5,
+            2 => 0.5 / 65535.0,
+            _ => (i as f32 * 0.618_034).fract(),
+        })
+        .collect();
+    let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    (values, bytes)
+}
+
+/// The contract's rounding, in f32 as numpy computes it on a float32 tensor:
+/// `trunc(clip(x * 65535 + 0.5, 0, 65535))`.
+fn expected_u16(x: f32) -> u16 {
+    (x * 65535.0 + 0.5).clamp(0.0, 65535.0) as u16
+}
+
+#[test]
+fn png16_from_floats_is_round_x_times_65535_in_every_layout_and_level() {
+    let (w, h) = (37u32, 23u32);
+    for channels in [1u8, 3, 4] {
+        let (values, bytes) = float_frame(w, h, channels);
+        let view = ImageView::with_sample(&bytes, w, h, channels, SampleType::F32).expect("view");
+        for level in [0u8, 1, 4, 9] {
+            let opts = EncodeOptions {
+                png_compression: level,
+                ..options(ImageFormat::Png16)
+            };
+            let out = encode(&view, &opts, &Metadata::default()).expect("encode");
+            let ihdr = &png_chunks(&out.bytes)[0].1;
+            assert_eq!(ihdr[8], 16, "bit depth");
+            let decoded = image::load_from_memory_with_format(&out.bytes, image::ImageFormat::Png)
+                .expect("decode");
+            let samples: Vec<u16> = match channels {
+                1 => decoded.to_luma16().into_raw(),
+                3 => decoded.to_rgb16().into_raw(),
+                _ => decoded.to_rgba16().into_raw(),
+            };
+            let expected: Vec<u16> = values.iter().map(|&x| expected_u16(x)).collect();
+            assert_eq!(samples, expected, "channels {channels} level {level}");
+        }
+    }
+}
+
+#[test]
+fn png16_keeps_u16_samples_and_png_text_chunks() {
+    let (rgb, w, h) = photo();
+    // Spread the photo over the 16-bit range with low bits set, so byte order matters.
+    let wide: Vec<u16> = rgb
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| u16::from(v) * 256 + (i % 251) as u16)
+        .collect();
+    let bytes: Vec<u8> = wide.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let task = task_with_metadata(w, h, json!({"nodes": [], "links": []}));
+    let meta = Metadata::from_task(&task);
+    let view = ImageView::with_sample(&bytes, w, h, 3, SampleType::U16).expect("view");
+    let out = encode(&view, &options(ImageFormat::Png16), &meta).expect("encode");
+    let decoded = image::load_from_memory(&out.bytes)
+        .expect("decode")
+        .to_rgb16();
+    assert_eq!(decoded.into_raw(), wide);
+    let eight = encode(
+        &ImageView::new(&rgb, w, h, 3).expect("view"),
+        &options(ImageFormat::Png),
+        &meta,
+    )
+    .expect("encode");
+    assert_eq!(png_texts(&out.bytes), png_texts(&eight.bytes));
+    // 8-bit input widens by x * 257 (0 -> 0, 255 -> 65535).
+    let widened = encode(
+        &ImageView::new(&rgb, w, h, 3).expect("view"),
+        &options(ImageFormat::Png16),
+        &meta,
+    )
+    .expect("encode");
+    let decoded = image::load_from_memory(&widened.bytes)
+        .expect("decode")
+        .to_rgb16();
+    assert!(
+        decoded
+            .into_raw()
+            .iter()
+            .zip(&rgb)
+            .all(|(&a, &b)| a == u16::from(b) * 257)
+    );
+}
+
+#[test]
+fn eight_bit_formats_narrow_float_and_u16_samples() {
+    let (w, h) = (9u32, 5u32);
+    let (values, bytes) = float_frame(w, h, 3);
+    let narrowed: Vec<u8> = values
+        .iter()
+        .map(|&x| (x * 255.0 + 0.5).clamp(0.0, 255.0) as u8)
+        .collect();
+    let view = ImageView::with_sample(&bytes, w, h, 3, SampleType::F32).expect("view");
+    let from_float = encode(&view, &options(ImageFormat::Png), &Metadata::default()).expect("png");
+    let from_u8 = encode(
+        &ImageView::new(&narrowed, w, h, 3).expect("view"),
+        &options(ImageFormat::Png),
+        &Metadata::default(),
+    )
+    .expect("png");
+    assert_eq!(
+        from_float.bytes, from_u8.bytes,
+        "same file as the 8-bit frame"
+    );
+}
+
+/// The Exif sub-IFD's UserComment, following IFD0's 0x8769 pointer.
+fn user_comment(tiff: &[u8]) -> Option<Vec<u8>> {
+    let u16_at = |o: usize| u16::from_le_bytes([tiff[o], tiff[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(tiff[o..o + 4].try_into().expect("4")) as usize;
+    let ifd = u32_at(4);
+    let pointer = (0..usize::from(u16_at(ifd)))
+        .map(|i| ifd + 2 + 12 * i)
+        .find(|&e| u16_at(e) == 0x8769)?;
+    let sub = u32_at(pointer + 8);
+    (0..usize::from(u16_at(sub)))
+        .map(|i| sub + 2 + 12 * i)
+        .find(|&e| u16_at(e) == 0x9286)
+        .map(|e| {
+            let len = u32_at(e + 4);
+            tiff[u32_at(e + 8)..u32_at(e + 8) + len].to_vec()
+        })
+}
+
+#[test]
+fn a1111_parameters_also_go_into_user_comment_for_jpeg_and_webp() {
+    let (rgb, w, h) = photo();
+    for (positive, prefix) in [
+        ("an astronaut", &b"ASCII\0\0\0"[..]),
+        ("月の光", &b"UNICODE\0"[..]),
+    ] {
+        let mut task = task_with_metadata(w, h, json!({}));
+        task.options.metadata = Some(json!({"positive": positive, "steps": 20}));
+        let meta = Metadata::from_task(&task);
+        let parameters = format!("{positive}\nSteps: 20, Size: 256x256, Model: sdxl");
+        let view = ImageView::new(&rgb, w, h, 3).expect("view");
+        let jpeg = encode(&view, &options(ImageFormat::Jpeg), &meta).expect("jpeg");
+        let webp = encode(&view, &options(ImageFormat::Webp), &meta).expect("webp");
+        let tiffs = [
+            jpeg_exif(&jpeg.bytes).expect("jpeg exif"),
+            riff_chunks(&webp.bytes)
+                .into_iter()
+                .find(|(k, _)| k == "EXIF")
+                .expect("EXIF")
+                .1,
+        ];
+        for tiff in tiffs {
+            let comment = user_comment(&tiff).expect("UserComment");
+            assert_eq!(&comment[..8], prefix);
+            let text = if prefix == b"ASCII\0\0\0" {
+                String::from_utf8(comment[8..].to_vec()).expect("ascii")
+            } else {
+                let units: Vec<u16> = comment[8..]
+                    .chunks_exact(2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                    .collect();
+                String::from_utf16(&units).expect("utf-16")
+            };
+            assert_eq!(text, parameters);
+            // ComfyUI's scheme in IFD0 is unchanged.
+            assert!(
+                exif_ascii_tags(&tiff)
+                    .iter()
+                    .any(|(_, v)| *v == format!("parameters:{parameters}"))
+            );
+        }
+    }
 }

@@ -119,6 +119,7 @@ impl Placement {
         let ctx = TemplateContext {
             model_name: &o.model_name,
             index: o.index,
+            source: &task.image.source,
             time,
         };
         let mut dirs =

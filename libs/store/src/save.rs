@@ -134,7 +134,9 @@ pub fn save_task_timed(
         None => img.pixels.as_slice(),
     };
     let channels = u8::try_from(img.channels).unwrap_or(0);
-    let view = ImageView::new(pixels, img.width, img.height, channels)?;
+    // The view keeps the task's sample type: gates score any type, and `encode` converts to
+    // the format's own type when a producer sent another (the gateway already narrows).
+    let view = ImageView::with_sample(pixels, img.width, img.height, channels, img.sample)?;
 
     let verdict = if o.quality_gate == QualityGate::Disabled {
         None

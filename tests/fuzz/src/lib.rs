@@ -124,7 +124,8 @@ pub fn task_msgpack(data: &[u8]) -> Reach {
 
 /// The template renderer. Input layout: bytes 0..8 the time (Unix seconds, little endian),
 /// 8..12 its UTC offset in seconds, 12..20 `%index%`, then UTF-8 (lossy) text: the template,
-/// and after the first NUL the model name. Missing bytes count as zero.
+/// and after the first NUL the model name, which doubles as `%source%`. Missing bytes count as
+/// zero.
 pub fn template(data: &[u8]) -> Reach {
     let mut head = [0u8; 20];
     let n = data.len().min(head.len());
@@ -156,6 +157,7 @@ pub fn template(data: &[u8]) -> Reach {
     let ctx = TemplateContext {
         model_name: model,
         index: i64::from_le_bytes([i0, i1, i2, i3, i4, i5, i6, i7]),
+        source: model,
         time: time_from(
             i64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
             i32::from_le_bytes([o0, o1, o2, o3]),
