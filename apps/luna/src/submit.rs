@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use luna_job::codec::to_msgpack;
-use luna_job::{ImageFormat, ImageInput, QualityGate, SaveRequest};
+use luna_job::{ImageFormat, ImageInput, QualityGate, SampleType, SaveRequest};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Most images per request, the gateway's default limit.
@@ -17,7 +17,7 @@ const IMAGES_PER_JOB: usize = 16;
 /// `luna submit` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SubmitArgs {
-    /// Image files (PNG, JPEG, WebP), or folders with --recursive.
+    /// Image files (PNG, JPEG, WebP; 8- or 16-bit), or folders with --recursive.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Gateway URL.
@@ -49,8 +49,9 @@ pub struct SubmitArgs {
     /// Directory template, relative to the output root.
     #[arg(long, default_value = "")]
     pub save_path: String,
-    /// File-stem template.
-    #[arg(long, default_value = luna_job::request::DEFAULT_FILENAME)]
+    /// File-stem template. The default keeps each file's own stem (`%source%`): photo.png is
+    /// saved as photo.<ext>.
+    #[arg(long, default_value = "%source%")]
     pub filename: String,
     /// Model file or path, for the model tokens.
     #[arg(long, default_value = "")]
@@ -79,6 +80,9 @@ pub struct SubmitArgs {
     /// Lossless WebP.
     #[arg(long)]
     pub lossless_webp: bool,
+    /// Bits per EXR sample: 16 (half float) or 32 (float).
+    #[arg(long, default_value_t = luna_job::request::DEFAULT_EXR_PRECISION)]
+    pub exr_precision: i64,
     /// Extra metadata to embed, as a JSON object.
     #[arg(long)]
     pub custom_metadata: Option<String>,
@@ -90,6 +94,24 @@ pub enum FormatArg {
     Webp,
     #[value(alias = "jpg")]
     Jpeg,
+    /// 16-bit PNG.
+    Png16,
+    /// OpenEXR (float).
+    Exr,
+    Avif,
+}
+
+impl FormatArg {
+    fn format(self) -> ImageFormat {
+        match self {
+            Self::Png => ImageFormat::Png,
+            Self::Webp => ImageFormat::Webp,
+            Self::Jpeg => ImageFormat::Jpeg,
+            Self::Png16 => ImageFormat::Png16,
+            Self::Exr => ImageFormat::Exr,
+            Self::Avif => ImageFormat::Avif,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -211,26 +233,70 @@ fn is_image(p: &Path) -> bool {
 
 fn load(path: &Path, args: &SubmitArgs) -> anyhow::Result<ImageInput> {
     let img = image::open(path).with_context(|| format!("decoding {}", path.display()))?;
-    let (width, height) = (img.width(), img.height());
-    let (pixels, channels) = match img.color().channel_count() {
-        1 | 2 if !img.color().has_alpha() => (img.into_luma8().into_raw(), 1),
-        _ if img.color().has_alpha() => (img.into_rgba8().into_raw(), 4),
-        _ => (img.into_rgb8().into_raw(), 3),
-    };
+    let format = args.format.format();
+    let (pixels, width, height, channels, sample) = samples_for(img, format);
     Ok(ImageInput {
         pixels: pixels.into(),
         width,
         height,
         channels,
+        sample,
+        source: source_stem(path),
         affix: args.affix.clone(),
-        format: match args.format {
-            FormatArg::Png => ImageFormat::Png,
-            FormatArg::Webp => ImageFormat::Webp,
-            FormatArg::Jpeg => ImageFormat::Jpeg,
-        },
+        format,
         subdir: !args.no_subdir,
         ..Default::default()
     })
+}
+
+/// The image's samples for `format`: 16-bit sources keep their 16 bits (little-endian `u16`)
+/// when the format holds more than 8 (`png16`, `exr`); everything else travels as 8-bit.
+fn samples_for(
+    img: image::DynamicImage,
+    format: ImageFormat,
+) -> (Vec<u8>, u32, u32, u32, SampleType) {
+    let (width, height) = (img.width(), img.height());
+    let color = img.color();
+    let alpha = color.has_alpha();
+    let gray = color.channel_count() <= 2 && !alpha;
+    let channels = if gray {
+        1
+    } else if alpha {
+        4
+    } else {
+        3
+    };
+    let wide = color.bytes_per_pixel() / color.channel_count() >= 2
+        && format.sample_type() != SampleType::U8;
+    if wide {
+        let samples: Vec<u16> = match channels {
+            1 => img.into_luma16().into_raw(),
+            4 => img.into_rgba16().into_raw(),
+            _ => img.into_rgb16().into_raw(),
+        };
+        let bytes = samples.iter().flat_map(|v| v.to_le_bytes()).collect();
+        return (bytes, width, height, channels, SampleType::U16);
+    }
+    let bytes = match channels {
+        1 => img.into_luma8().into_raw(),
+        4 => img.into_rgba8().into_raw(),
+        _ => img.into_rgb8().into_raw(),
+    };
+    (bytes, width, height, channels, SampleType::U8)
+}
+
+/// The file's stem, for `%source%`: lossy UTF-8, cut to the contract's 255 bytes on a
+/// character boundary.
+fn source_stem(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut end = stem.len().min(luna_job::validate::MAX_SOURCE_LEN);
+    while !stem.is_char_boundary(end) {
+        end -= 1;
+    }
+    stem[..end].to_owned()
 }
 
 fn request(args: &SubmitArgs, images: Vec<ImageInput>) -> SaveRequest {
@@ -249,6 +315,7 @@ fn request(args: &SubmitArgs, images: Vec<ImageInput>) -> SaveRequest {
         png_compression: args.png_compression,
         lossy_quality: args.lossy_quality,
         lossless_webp: args.lossless_webp,
+        exr_precision: args.exr_precision,
         custom_metadata: args.custom_metadata.clone().map(serde_json::Value::String),
         images,
         ..SaveRequest::default()

@@ -176,3 +176,54 @@ fn submit_says_what_to_do_when_something_is_off() {
         text(&folder)
     );
 }
+
+#[test]
+fn submit_keeps_each_source_stem_and_16_bit_samples() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let output = tmp.path().join("output");
+    let photo = tmp.path().join("photo.png");
+    let render = tmp.path().join("render.jpg");
+    let deep = tmp.path().join("deep.png");
+    write_png(&photo, 4);
+    image::RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 11, 60]))
+        .save(&render)
+        .expect("write jpeg");
+    // Low bits set, so a trip through 8 bits would show.
+    let deep_img = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_fn(20, 10, |x, y| {
+        image::Rgb([x as u16 * 3001 + 7, y as u16 * 6007 + 1, 65535])
+    });
+    deep_img.save(&deep).expect("write 16-bit png");
+    let daemon = Daemon::start(&output);
+
+    let args: Vec<String> = [&photo, &render]
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let both = daemon.submit(&[&args[0], &args[1], "--wait", "--save-path", "mixed"]);
+    assert!(both.status.success(), "{}", text(&both));
+    let mut names: Vec<String> = std::fs::read_dir(output.join("mixed"))
+        .expect("folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["photo.png", "render.png"],
+        "each file keeps its stem"
+    );
+
+    let deep_arg = deep.to_string_lossy().into_owned();
+    let sixteen = daemon.submit(&[
+        &deep_arg,
+        "--wait",
+        "--format",
+        "png16",
+        "--save-path",
+        "deep",
+    ]);
+    assert!(sixteen.status.success(), "{}", text(&sixteen));
+    let saved = image::open(output.join("deep/deep.png")).expect("decode");
+    assert_eq!(saved.color(), image::ColorType::Rgb16);
+    assert_eq!(saved.into_rgb16().into_raw(), deep_img.into_raw());
+    drop(daemon);
+}
