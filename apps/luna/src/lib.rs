@@ -70,6 +70,10 @@ pub struct UpArgs {
     #[arg(long, env = "LUNA_MAX_INFLIGHT_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_inflight_bytes: u64,
 
+    /// Local hand-off of pixels (shared memory), as the gateway's flag.
+    #[command(flatten)]
+    pub handoff: luna_gateway::HandoffArgs,
+
     /// Shared directory for frames over the inline limit (only matters with --amqp-url).
     #[arg(long, env = "LUNA_BLOB_DIR")]
     pub blob_dir: Option<PathBuf>,
@@ -177,6 +181,7 @@ pub async fn up(
     gateway_cfg.listen = args.gateway_listen;
     gateway_cfg.token.clone_from(&args.token);
     gateway_cfg.blob_dir.clone_from(&args.blob_dir);
+    gateway_cfg.handoff.clone_from(&args.handoff);
     gateway_cfg.max_images = args.max_images;
     gateway_cfg.max_inflight_bytes = args.max_inflight_bytes;
     gateway_cfg.metrics_token.clone_from(&args.metrics_token);
@@ -219,8 +224,13 @@ pub async fn up(
         stop_saver.clone().cancelled_owned(),
     ));
     let queue = broker.clone();
+    let gateway_state = luna_gateway::AppState::with_broker(gateway_cfg, broker);
+    let handoff = gateway_state.handoff.as_ref().map_or_else(
+        || "off (--handoff-dir none)".to_owned(),
+        |h| h.dir().display().to_string(),
+    );
     let gateway = tokio::spawn(luna_gateway::serve(
-        luna_gateway::AppState::with_broker(gateway_cfg, broker),
+        gateway_state,
         gateway_listener,
         stop_gateway.clone().cancelled_owned(),
     ));
@@ -235,6 +245,7 @@ pub async fn up(
         args.status_listen, args.status_listen
     );
     println!("  files:   {}", output.display());
+    println!("  hand-off: {handoff}   (shared memory for clients on this machine)");
     println!("  metrics: http://{saver_addr}/metrics");
     println!(
         "  try:     curl -H 'content-type: application/json' --data @docs/examples/request.json http://{}/v1/jobs",

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use luna_telemetry::LogFormat;
 
+pub use crate::handoff::HandoffDir;
+
 /// Gateway settings.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -25,6 +27,10 @@ pub struct Config {
     /// same directory. Without it, such frames are refused with 413.
     #[arg(long, env = "LUNA_BLOB_DIR")]
     pub blob_dir: Option<PathBuf>,
+
+    /// Local hand-off of pixels (shared memory).
+    #[command(flatten)]
+    pub handoff: HandoffArgs,
 
     /// Require `Authorization: Bearer <token>` on the API (the scheme in any letter case). It is
     /// checked before a byte of the body is read.
@@ -68,5 +74,27 @@ impl Config {
     /// The defaults, as if started without flags or environment.
     pub fn defaults() -> Self {
         <Self as clap::Parser>::parse_from(["luna-gateway"])
+    }
+}
+
+/// The local hand-off flag, shared by `luna-gateway` and `luna up`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HandoffArgs {
+    /// Folder where clients on this machine (the ComfyUI node) leave pixels for the gateway to
+    /// read instead of sending them over HTTP (see GET /v1/handoff); `none` turns it off.
+    /// Default: a folder of this user in shared memory, /dev/shm/luna-handoff-<uid> (the OS
+    /// temp folder where there is no /dev/shm), created with mode 0700.
+    #[arg(
+        long = "handoff-dir",
+        env = "LUNA_HANDOFF_DIR",
+        value_name = "DIR|none"
+    )]
+    pub handoff_dir: Option<HandoffDir>,
+}
+
+impl HandoffArgs {
+    /// What was configured, the default when nothing was.
+    pub fn setting(&self) -> HandoffDir {
+        self.handoff_dir.clone().unwrap_or(HandoffDir::Default)
     }
 }

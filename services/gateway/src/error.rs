@@ -1,5 +1,6 @@
-//! The gateway's error answer: a status and `{"error": "<human-readable reason>"}`, with
-//! `Retry-After` when trying again later can succeed.
+//! The gateway's error answer: a status and `{"error": "<human-readable reason>"}` (plus a
+//! machine-readable `code` where a client acts on the kind of error), with `Retry-After` when
+//! trying again later can succeed.
 
 use std::time::Duration;
 
@@ -23,7 +24,13 @@ pub struct ApiError {
     /// Sent as `Retry-After` (whole seconds). Every 503 carries one, [`RETRY_UNAVAILABLE`]
     /// unless set.
     pub retry_after: Option<Duration>,
+    /// Sent as `code` beside `error`, for the few refusals a client handles by itself.
+    pub code: Option<&'static str>,
 }
+
+/// `code` of a hand-off the gateway cannot read here (disabled, or the file is not on its
+/// machine): the client sends the same images inline instead.
+pub const HANDOFF_UNAVAILABLE: &str = "handoff_unavailable";
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
@@ -31,7 +38,15 @@ impl ApiError {
             status,
             message: message.into(),
             retry_after: None,
+            code: None,
         }
+    }
+
+    /// 422 `handoff_unavailable`: send the pixels inline.
+    pub fn handoff_unavailable(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::UNPROCESSABLE_ENTITY, message);
+        e.code = Some(HANDOFF_UNAVAILABLE);
+        e
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -75,11 +90,11 @@ impl IntoResponse for ApiError {
         let retry_after = self.retry_after.or_else(|| {
             (self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_UNAVAILABLE)
         });
-        let mut response = (
-            self.status,
-            Json(serde_json::json!({ "error": self.message })),
-        )
-            .into_response();
+        let body = match self.code {
+            Some(code) => serde_json::json!({ "error": self.message, "code": code }),
+            None => serde_json::json!({ "error": self.message }),
+        };
+        let mut response = (self.status, Json(body)).into_response();
         if let Some(after) = retry_after {
             // Whole seconds, at least 1: `Retry-After: 0` would invite a tight retry loop.
             let seconds = after.as_secs_f64().ceil().max(1.0) as u64;

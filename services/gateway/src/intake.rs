@@ -61,13 +61,13 @@ impl ByteBudget {
 
 /// A share of the budget, given back when dropped.
 #[derive(Debug)]
-struct Share {
+pub(crate) struct Share {
     budget: Arc<ByteBudget>,
     bytes: u64,
 }
 
 impl Share {
-    fn take(budget: &Arc<ByteBudget>, bytes: u64) -> Option<Self> {
+    pub(crate) fn take(budget: &Arc<ByteBudget>, bytes: u64) -> Option<Self> {
         budget.try_take(bytes).then(|| Self {
             budget: Arc::clone(budget),
             bytes,

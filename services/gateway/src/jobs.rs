@@ -17,6 +17,8 @@ use luna_telemetry::propagation;
 use serde::Serialize;
 use tracing::Instrument as _;
 
+use crate::handoff::{Handoff, HandoffError};
+use crate::intake::Share;
 use crate::{ApiError, AppState};
 
 /// The 202 answer.
@@ -101,6 +103,10 @@ async fn accept(
             )));
         }
     }
+
+    // Hand-offs are read here, before any answer, so the client may reuse its files as soon
+    // as it has one; what they hold counts against the byte budget until the answer is ready.
+    let (request, _handoff_share) = resolve_pixels(state, request).await?;
 
     let key = idempotency_key(headers)?;
     let job_id = match key {
@@ -292,6 +298,96 @@ fn decode(headers: &HeaderMap, body: &[u8]) -> Result<SaveRequest, ApiError> {
         }
     };
     decoded.map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Brings every image's samples into the request in its format's sample type, so a task
+/// carries the narrowest one (an 8-bit format travels as `u8` whatever the client sent): reads
+/// each hand-off and narrows (or widens) inline samples. Returns the budget share that the
+/// hand-off bytes hold.
+async fn resolve_pixels(
+    state: &AppState,
+    request: SaveRequest,
+) -> Result<(SaveRequest, Option<Share>), ApiError> {
+    let needs_work = request
+        .images
+        .iter()
+        .any(|i| i.handoff.is_some() || i.sample != i.format.sample_type());
+    if !needs_work {
+        return Ok((request, None));
+    }
+    let handoff_bytes: u64 = request
+        .images
+        .iter()
+        .filter(|i| i.handoff.is_some())
+        .map(|i| i.expected_len())
+        .sum();
+    let share = if handoff_bytes > 0 {
+        if state.handoff.is_none() {
+            return Err(ApiError::handoff_unavailable(
+                HandoffError::Disabled.to_string(),
+            ));
+        }
+        let Some(share) = Share::take(&state.budget, handoff_bytes) else {
+            tracing::warn!(
+                handoff_bytes,
+                held = state.budget.held(),
+                limit = state.budget.limit(),
+                "hand-off refused: the gateway holds as many request bytes as it may"
+            );
+            return Err(ApiError::busy(format!(
+                "the gateway is reading or publishing as many bytes as it may hold                  ({} bytes, --max-inflight-bytes); nothing of the hand-off was read, try again",
+                state.budget.limit()
+            )));
+        };
+        Some(share)
+    } else {
+        None
+    };
+    let handoff = state.handoff.clone();
+    let request =
+        tokio::task::spawn_blocking(move || resolve_blocking(handoff.as_deref(), request))
+            .await
+            .map_err(|e| internal(&e))??;
+    Ok((request, share))
+}
+
+fn resolve_blocking(
+    handoff: Option<&Handoff>,
+    mut request: SaveRequest,
+) -> Result<SaveRequest, ApiError> {
+    for (i, image) in request.images.iter_mut().enumerate() {
+        let to = image.format.sample_type();
+        let count = u64::from(image.width) * u64::from(image.height) * u64::from(image.channels);
+        if let Some(at) = image.handoff.take() {
+            let pixels = handoff
+                .ok_or(HandoffError::Disabled)
+                .and_then(|h| h.read(&at.name, at.offset, count, image.sample, to))
+                .map_err(|e| handoff_refusal(i, &e))?;
+            image.pixels = pixels.into();
+        } else if image.sample != to {
+            let pixels = luna_imaging::samples::convert(image.pixels.as_slice(), image.sample, to)
+                .map_err(|e| ApiError::bad_request(format!("images[{i}].pixels: {e}")))?;
+            image.pixels = pixels.into();
+        } else {
+            continue;
+        }
+        image.sample = to;
+    }
+    Ok(request)
+}
+
+/// 422 `handoff_unavailable` when the client can send the pixels inline instead; 400 when
+/// what it pointed at cannot be its image.
+fn handoff_refusal(index: usize, e: &HandoffError) -> ApiError {
+    let message = format!("images[{index}].handoff: {e}");
+    match e {
+        HandoffError::Io { .. } => {
+            tracing::warn!(error = %e, index, "hand-off not readable");
+            ApiError::bad_request(message)
+        }
+        e if e.is_unavailable() => ApiError::handoff_unavailable(message),
+        _ => ApiError::bad_request(message),
+    }
 }
 
 /// Renders every task's path now, so a bad template is a 400 and never a parked task.

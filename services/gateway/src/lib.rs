@@ -16,6 +16,8 @@
 //! - [`router`]: the HTTP API, kept apart from [`run`] so tests drive it without a socket.
 //! - [`error`]: `ApiError`, the JSON error answer that never leaks internals.
 //! - `intake`: the body byte budget, read before the handler runs.
+//! - [`handoff`]: pixels a client on this machine left in shared memory (`GET /v1/handoff`,
+//!   `images[].handoff`), read before the answer and counted against the same budget.
 //! - `metrics`: requests, jobs, published tasks and publish-confirm latency, served as
 //!   Prometheus text on `GET /metrics`.
 //!
@@ -24,6 +26,7 @@
 
 pub mod config;
 pub mod error;
+pub mod handoff;
 mod intake;
 mod jobs;
 mod metrics;
@@ -36,12 +39,13 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::middleware;
 use axum::routing::{get, post};
 use luna_http::BearerAuth;
+use luna_job::SampleType;
 use luna_queue::Broker;
 use luna_store::BlobStore;
 use luna_telemetry::Registry;
 use tokio::net::TcpListener;
 
-pub use config::Config;
+pub use config::{Config, HandoffArgs, HandoffDir};
 pub use error::ApiError;
 
 /// What every request handler shares.
@@ -55,6 +59,8 @@ pub struct AppState {
     metrics: Arc<metrics::Metrics>,
     /// Bytes of request bodies held at once (`--max-inflight-bytes`).
     budget: Arc<intake::ByteBudget>,
+    /// The local hand-off directory; `None` with `--handoff-dir none`.
+    pub handoff: Option<Arc<handoff::Handoff>>,
 }
 
 impl AppState {
@@ -73,7 +79,9 @@ impl AppState {
     pub fn with_broker(config: Config, broker: Broker) -> Self {
         let blobs = config.blob_dir.clone().map(BlobStore::new);
         let registry = Registry::shared();
+        let handoff = handoff::Handoff::new(&config.handoff.setting()).map(Arc::new);
         Self {
+            handoff,
             broker,
             budget: intake::ByteBudget::new(config.max_inflight_bytes),
             config: Arc::new(config),
@@ -109,11 +117,13 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             intake::count_refusal,
         ));
+    let handoff = get(handoff_info).layer(BearerAuth::new(token.as_deref()));
     let metrics = Router::new()
         .route("/metrics", get(metrics_text))
         .route_layer(BearerAuth::new(metrics_token.as_deref()));
     Router::new()
         .route("/v1/jobs", submit)
+        .route("/v1/handoff", handoff)
         .merge(metrics)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -123,6 +133,44 @@ pub fn router(state: AppState) -> Router {
 
 async fn metrics_text(State(state): State<AppState>) -> impl axum::response::IntoResponse {
     state.registry.exposition()
+}
+
+/// `GET /v1/handoff`: where a local client may leave pixels, or 404 `handoff_unavailable`.
+async fn handoff_info(
+    State(state): State<AppState>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let unavailable = |message: String| {
+        let mut e = ApiError::handoff_unavailable(message);
+        e.status = axum::http::StatusCode::NOT_FOUND;
+        e
+    };
+    let Some(handoff) = state.handoff.clone() else {
+        return Err(unavailable(handoff::HandoffError::Disabled.to_string()));
+    };
+    // The directory may have been removed since start-up (a logout's IPC clean-up, say).
+    let checked = Arc::clone(&handoff);
+    tokio::task::spawn_blocking(move || checked.ensure())
+        .await
+        .map_err(|e| unavailable(format!("hand-off directory check failed: {e}")))?
+        .map_err(|e| {
+            tracing::warn!(error = %e, "local hand-off directory not usable");
+            unavailable(e.to_string())
+        })?;
+    let Some(dir) = handoff.dir().to_str() else {
+        return Err(unavailable(format!(
+            "the hand-off directory {} is not valid UTF-8",
+            handoff.dir().display()
+        )));
+    };
+    let sample_types: Vec<&str> = [SampleType::U8, SampleType::U16, SampleType::F32]
+        .iter()
+        .map(|t| t.as_str())
+        .collect();
+    Ok(axum::Json(serde_json::json!({
+        "dir": dir,
+        "boot_id": handoff.boot_id(),
+        "sample_types": sample_types,
+    })))
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
