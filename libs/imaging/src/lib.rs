@@ -11,6 +11,7 @@
 //! - [`png`], [`webp`], [`jpeg`]: the encoders; [`exif`] builds ComfyUI-style EXIF.
 
 pub mod exif;
+pub mod exr;
 pub mod gate;
 pub mod jpeg;
 pub mod metadata;
@@ -137,6 +138,8 @@ pub enum EncodeError {
     Unsupported(&'static str),
     #[error("metadata could not be serialised")]
     Metadata(#[source] serde_json::Error),
+    #[error("OpenEXR encoding failed")]
+    Exr(#[from] exr::ExrError),
 }
 
 /// Encodes `image` in the requested format with `meta` embedded.
