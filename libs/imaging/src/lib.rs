@@ -13,6 +13,7 @@
 //! - [`samples`]: conversion between the contract's sample types (`u8`, `u16`, `f32`).
 
 pub mod exif;
+pub mod exr;
 pub mod gate;
 pub mod jpeg;
 pub mod metadata;
@@ -183,6 +184,8 @@ pub enum EncodeError {
     Samples(#[from] samples::SampleLenError),
     #[error("metadata could not be serialised")]
     Metadata(#[source] serde_json::Error),
+    #[error("OpenEXR encoding failed")]
+    Exr(#[from] exr::ExrError),
 }
 
 /// Encodes `image` in the requested format with `meta` embedded. Samples of another type than
