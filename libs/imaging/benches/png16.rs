@@ -25,7 +25,7 @@ fn widen(src: &[u8]) -> Vec<u8> {
         .enumerate()
         .flat_map(|(i, &v)| {
             let noise = ((i as u64).wrapping_mul(2_654_435_761) >> 24) & 63;
-            (u16::from(v) * 257 ^ noise as u16).to_le_bytes()
+            ((u16::from(v) * 257) ^ noise as u16).to_le_bytes()
         })
         .collect()
 }
