@@ -10,6 +10,7 @@
 //! - [`metadata`]: what is embedded (ComfyUI's keys, A1111 `parameters`, custom keys).
 //! - [`png`], [`webp`], [`jpeg`]: the encoders; [`exif`] builds ComfyUI-style EXIF.
 
+pub mod avif;
 pub mod exif;
 pub mod exr;
 pub mod gate;
@@ -140,6 +141,8 @@ pub enum EncodeError {
     Metadata(#[source] serde_json::Error),
     #[error("OpenEXR encoding failed")]
     Exr(#[from] exr::ExrError),
+    #[error("AVIF encoding failed")]
+    Avif(#[from] avif::AvifError),
 }
 
 /// Encodes `image` in the requested format with `meta` embedded.
