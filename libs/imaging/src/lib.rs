@@ -12,7 +12,9 @@
 //!   EXIF (with A1111's `UserComment`).
 //! - [`samples`]: conversion between the contract's sample types (`u8`, `u16`, `f32`).
 
+pub mod avif;
 pub mod exif;
+pub mod exr;
 pub mod gate;
 pub mod jpeg;
 pub mod metadata;
@@ -183,6 +185,10 @@ pub enum EncodeError {
     Samples(#[from] samples::SampleLenError),
     #[error("metadata could not be serialised")]
     Metadata(#[source] serde_json::Error),
+    #[error("OpenEXR encoding failed")]
+    Exr(#[from] exr::ExrError),
+    #[error("AVIF encoding failed")]
+    Avif(#[from] avif::AvifError),
 }
 
 /// Encodes `image` in the requested format with `meta` embedded. Samples of another type than
