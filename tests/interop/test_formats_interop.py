@@ -100,6 +100,53 @@ def test_png16_keeps_u16_samples_from_the_wire(tmp_path):
     assert np.array_equal(got, u16)
 
 
+@pytest.mark.parametrize("precision", [16, 32])
+def test_exr_within_its_precision_with_metadata_attributes(tmp_path, precision):
+    import OpenEXR
+
+    values = float_frame(17, 23, 3, 4) * np.float32(4) - np.float32(1)  # beyond 0..1: kept as is
+    rgba = float_frame(17, 23, 4, 5)
+    paths = save(
+        tmp_path,
+        request([float_field(values, "exr"), float_field(rgba, "exr", "A")], exr_precision=precision),
+    )
+    assert paths[0].suffix == ".exr"
+    for index, original in [(0, values), (1, rgba)]:
+        with OpenEXR.File(str(paths[index])) as f:
+            header = f.header()
+            channels = f.channels()
+            names = "RGBA"[: original.shape[2]]
+            if "RGB" in channels or "RGBA" in channels:
+                stacked = channels.get("RGBA", channels.get("RGB")).pixels
+            else:
+                stacked = np.stack([channels[n].pixels for n in names], axis=-1)
+            got = np.asarray(stacked, dtype=np.float32).reshape(original.shape)
+            dtype = {16: np.float16, 32: np.float32}[precision]
+            assert np.asarray(stacked).dtype == dtype, np.asarray(stacked).dtype
+            assert np.array_equal(got, original.astype(dtype).astype(np.float32)), f"image {index}"
+        text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in header.items()}
+        assert json.loads(text["prompt"]) == PROMPT
+        assert json.loads(text["workflow"]) == WORKFLOW
+        assert text["parameters"].startswith("an astronaut in front of a flag\n")
+        assert text["artist"] == "Luna QA" and text["luna_job_id"]
+
+
+def test_avif_quality_and_exif(tmp_path):
+    rgb = photo("RGB")
+    paths = save(tmp_path, request([float_field(photo_floats("RGB"), "avif", "")], lossy_quality=90))
+    assert paths[0].suffix == ".avif"
+    img = Image.open(paths[0])
+    assert img.format == "AVIF"
+    db = psnr(np.asarray(rgb), np.asarray(img.convert("RGB")))
+    assert db >= 35.0, f"AVIF at quality 90 reached only {db:.2f} dB"
+    exif = img.getexif()
+    prefix, _, payload = exif[0x0110].partition(":")
+    assert prefix == "prompt" and json.loads(payload) == PROMPT
+    prefix, _, payload = exif[0x010F].partition(":")
+    assert prefix == "workflow" and json.loads(payload) == WORKFLOW
+    assert exif.get_ifd(0x8769)[0x9286] == b"ASCII\0\0\0" + PARAMETERS.encode()
+
+
 def test_non_ascii_text_reads_back_from_itxt(tmp_path):
     rgb = photo("RGB")
     meta = {"positive": "月の光, naïve", "steps": 4}
@@ -130,7 +177,7 @@ def test_non_ascii_text_reads_back_from_itxt(tmp_path):
     assert kinds["plain"] == kinds["workflow"] == kinds["prompt"] == "tEXt"
 
 
-@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+@pytest.mark.parametrize("fmt", ["jpeg", "webp", "avif"])
 @pytest.mark.parametrize("text", ["an astronaut, Steps: 4", "月の光, naïve"])
 def test_user_comment_carries_a1111_parameters(tmp_path, fmt, text):
     rgb = photo("RGB")

@@ -250,7 +250,7 @@ fn post_json(gateway: &str, body: &str) -> u16 {
 }
 
 #[test]
-fn float_samples_posted_to_luna_up_save_as_png16() {
+fn float_samples_posted_to_luna_up_save_as_png16_exr_and_avif() {
     use base64::Engine as _;
     let tmp = tempfile::tempdir().expect("tempdir");
     let output = tmp.path().join("output");
@@ -261,7 +261,7 @@ fn float_samples_posted_to_luna_up_save_as_png16() {
         .collect();
     let bytes: Vec<u8> = floats.iter().flat_map(|x| x.to_le_bytes()).collect();
     let pixels = base64::engine::general_purpose::STANDARD.encode(&bytes);
-    let images: Vec<String> = ["png16"]
+    let images: Vec<String> = ["png16", "exr", "avif"]
         .iter()
         .map(|fmt| {
             format!(
@@ -277,7 +277,7 @@ fn float_samples_posted_to_luna_up_save_as_png16() {
 
     let dir = output.join("floats");
     let deadline = Instant::now() + Duration::from_secs(60);
-    let names = ["from_png16.png"];
+    let names = ["from_avif.avif", "from_exr.exr", "from_png16.png"];
     while !names.iter().all(|n| dir.join(n).exists()) {
         assert!(
             Instant::now() < deadline,
@@ -294,5 +294,15 @@ fn float_samples_posted_to_luna_up_save_as_png16() {
         .map(|&x| (x * 65535.0 + 0.5).clamp(0.0, 65535.0) as u16)
         .collect();
     assert_eq!(png.into_rgb16().into_raw(), expected);
+    // EXR and AVIF: their containers (decoded in full by tests/interop).
+    let exr = std::fs::read(dir.join("from_exr.exr")).expect("read exr");
+    assert_eq!(&exr[..4], &[0x76, 0x2f, 0x31, 0x01], "OpenEXR magic");
+    assert!(
+        exr.windows(8).any(|w| w == b"workflow"),
+        "workflow attribute"
+    );
+    let avif = std::fs::read(dir.join("from_avif.avif")).expect("read avif");
+    assert_eq!(&avif[4..12], b"ftypavif", "AVIF major brand");
+    assert!(avif.windows(5).any(|w| w == b"Exif"), "Exif item");
     drop(daemon);
 }

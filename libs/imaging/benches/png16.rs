@@ -73,6 +73,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                     png_compression: level,
                     lossy_quality: 90,
                     lossless_webp: false,
+                    exr_precision: luna_imaging::exr::Precision::Float,
                 };
                 let mut times = Vec::new();
                 let mut bytes = 0;
