@@ -5,9 +5,10 @@
 
 FROM rust:1-bookworm AS builder
 # cmake: aws-lc-sys (rustls' crypto provider, used by lapin) may build its C sources with it.
+# nasm: rav1e's x86-64 assembly (the AVIF encoder).
 # gcc and make come with the image; libdeflate and libwebp are compiled from bundled sources.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends cmake \
+    && apt-get install -y --no-install-recommends cmake nasm \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

@@ -113,7 +113,7 @@ def test_exr_within_its_precision_with_metadata_attributes(tmp_path, precision):
     assert paths[0].suffix == ".exr"
     for index, original in [(0, values), (1, rgba)]:
         with OpenEXR.File(str(paths[index])) as f:
-            header = f.header()
+            header = dict(f.header())  # copied: the view ends with the file
             channels = f.channels()
             names = "RGBA"[: original.shape[2]]
             if "RGB" in channels or "RGBA" in channels:

@@ -227,3 +227,82 @@ fn submit_keeps_each_source_stem_and_16_bit_samples() {
     assert_eq!(saved.into_rgb16().into_raw(), deep_img.into_raw());
     drop(daemon);
 }
+
+/// POSTs `body` (JSON) to the daemon's gateway over plain HTTP/1.1; the status code.
+fn post_json(gateway: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let addr = gateway.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "POST /v1/jobs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer");
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn float_samples_posted_to_luna_up_save_as_png16_exr_and_avif() {
+    use base64::Engine as _;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let output = tmp.path().join("output");
+    let daemon = Daemon::start(&output);
+    let (w, h) = (32u32, 24u32);
+    let floats: Vec<f32> = (0..w * h * 3)
+        .map(|i| ((i * 7919) % 1000) as f32 / 999.0)
+        .collect();
+    let bytes: Vec<u8> = floats.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let pixels = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    let images: Vec<String> = ["png16", "exr", "avif"]
+        .iter()
+        .map(|fmt| {
+            format!(
+                r#"{{"pixels":"{pixels}","sample":"f32","width":{w},"height":{h},"channels":3,"format":"{fmt}","source":"from_{fmt}"}}"#
+            )
+        })
+        .collect();
+    let body = format!(
+        r#"{{"save_path":"floats","filename":"%source%","extra_pnginfo":{{"workflow":{{"nodes":[]}}}},"images":[{}]}}"#,
+        images.join(",")
+    );
+    assert_eq!(post_json(&daemon.gateway, &body), 202);
+
+    let dir = output.join("floats");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let names = ["from_avif.avif", "from_exr.exr", "from_png16.png"];
+    while !names.iter().all(|n| dir.join(n).exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "not all saved: {:?}",
+            std::fs::read_dir(&dir).map(|d| d.count())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // png16: round(x * 65535), decoded by an independent reader.
+    let png = image::open(dir.join("from_png16.png")).expect("decode png16");
+    assert_eq!(png.color(), image::ColorType::Rgb16);
+    let expected: Vec<u16> = floats
+        .iter()
+        .map(|&x| (x * 65535.0 + 0.5).clamp(0.0, 65535.0) as u16)
+        .collect();
+    assert_eq!(png.into_rgb16().into_raw(), expected);
+    // EXR and AVIF: their containers (decoded in full by tests/interop).
+    let exr = std::fs::read(dir.join("from_exr.exr")).expect("read exr");
+    assert_eq!(&exr[..4], &[0x76, 0x2f, 0x31, 0x01], "OpenEXR magic");
+    assert!(
+        exr.windows(8).any(|w| w == b"workflow"),
+        "workflow attribute"
+    );
+    let avif = std::fs::read(dir.join("from_avif.avif")).expect("read avif");
+    assert_eq!(&avif[4..12], b"ftypavif", "AVIF major brand");
+    assert!(avif.windows(4).any(|w| w == b"II*\0"), "EXIF (TIFF) payload");
+    drop(daemon);
+}

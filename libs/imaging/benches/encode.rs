@@ -40,6 +40,7 @@ fn cases() -> Vec<Case> {
             png_compression: level,
             lossy_quality: 90,
             lossless_webp: false,
+            exr_precision: luna_imaging::exr::Precision::Float,
         },
     };
     let other = |name, format, lossless_webp| Case {
@@ -49,6 +50,7 @@ fn cases() -> Vec<Case> {
             png_compression: 4,
             lossy_quality: 90,
             lossless_webp,
+            exr_precision: luna_imaging::exr::Precision::Float,
         },
     };
     vec![

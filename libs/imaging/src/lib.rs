@@ -12,6 +12,7 @@
 //!   EXIF (with A1111's `UserComment`).
 //! - [`samples`]: conversion between the contract's sample types (`u8`, `u16`, `f32`).
 
+pub mod avif;
 pub mod exif;
 pub mod exr;
 pub mod gate;
@@ -148,9 +149,11 @@ pub struct EncodeOptions {
     pub format: ImageFormat,
     /// PNG: 0 = stored .. 9 = smallest.
     pub png_compression: u8,
-    /// JPEG and lossy WebP, 70..=100.
+    /// JPEG, lossy WebP and AVIF, 70..=100.
     pub lossy_quality: u8,
     pub lossless_webp: bool,
+    /// EXR: half or full float samples.
+    pub exr_precision: exr::Precision,
 }
 
 /// The bytes of one output file, plus the JSON sidecar when metadata did not fit inside it.
@@ -178,14 +181,14 @@ pub enum EncodeError {
     Webp(i32),
     #[error("JPEG encoder failed")]
     Jpeg(#[source] jpeg_encoder::EncodingError),
-    #[error("this saver has no {0} encoder")]
-    Unsupported(&'static str),
     #[error("samples could not be converted")]
     Samples(#[from] samples::SampleLenError),
     #[error("metadata could not be serialised")]
     Metadata(#[source] serde_json::Error),
     #[error("OpenEXR encoding failed")]
     Exr(#[from] exr::ExrError),
+    #[error("AVIF encoding failed")]
+    Avif(#[from] avif::AvifError),
 }
 
 /// Encodes `image` in the requested format with `meta` embedded. Samples of another type than
@@ -242,8 +245,45 @@ pub fn encode(
             })
         }
         ImageFormat::Jpeg => jpeg::encode(image, options.lossy_quality, meta),
-        ImageFormat::Exr | ImageFormat::Avif => {
-            Err(EncodeError::Unsupported(options.format.as_str()))
+        ImageFormat::Exr => {
+            // Little-endian f32 bytes to floats (the wire gives no alignment to cast in place).
+            let samples: Vec<f32> = image
+                .pixels()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let attributes: Vec<(String, String)> = meta
+                .png_text_chunks()
+                .into_iter()
+                .map(|t| (t.keyword, t.text))
+                .collect();
+            let bytes = exr::encode(
+                &samples,
+                image.width,
+                image.height,
+                image.channels,
+                options.exr_precision,
+                &attributes,
+            )?;
+            Ok(Encoded {
+                bytes,
+                sidecar: None,
+            })
+        }
+        ImageFormat::Avif => {
+            let exif = (!meta.is_empty()).then(|| meta.exif());
+            let bytes = avif::encode(
+                image.pixels(),
+                image.width,
+                image.height,
+                image.channels,
+                options.lossy_quality,
+                exif.as_deref(),
+            )?;
+            Ok(Encoded {
+                bytes,
+                sidecar: None,
+            })
         }
     }
 }

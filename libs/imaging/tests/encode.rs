@@ -35,6 +35,7 @@ fn options(format: ImageFormat) -> EncodeOptions {
         png_compression: 4,
         lossy_quality: 90,
         lossless_webp: false,
+        exr_precision: luna_imaging::exr::Precision::Float,
     }
 }
 

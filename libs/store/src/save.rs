@@ -175,6 +175,9 @@ pub fn save_task_timed(
         png_compression: u8::try_from(o.png_compression).unwrap_or(4),
         lossy_quality: u8::try_from(o.lossy_quality).unwrap_or(90),
         lossless_webp: o.lossless_webp,
+        // Validated: 16 or 32.
+        exr_precision: luna_imaging::exr::Precision::from_bits(o.exr_precision)
+            .unwrap_or(luna_imaging::exr::Precision::Float),
     };
     let encoded = {
         let span = tracing::info_span!(
