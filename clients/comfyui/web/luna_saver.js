@@ -1,8 +1,8 @@
 // Luna Saver's frontend extension: dropping or opening a JPEG, EXR or WebP file that carries a
 // ComfyUI workflow loads that workflow, as ComfyUI does for its own PNGs.
 //
-// Why: no stock frontend reads JPEG or EXR metadata at all, and frontends before 1.28 miss the
-// EXIF of a WebP whose image chunk has an odd length (they ignore the RIFF pad byte). Where the
+// Why: no stock frontend reads JPEG or EXR metadata at all, and frontends before the RIFF padding
+// fix (1.27.x among them) miss the EXIF of a WebP after an odd-length image chunk. Where the
 // metadata is, in Luna Saver's files (libs/imaging):
 // - JPEG: APP1 "Exif\0\0" + TIFF, IFD0 ASCII entries "prompt:<json>" (Model), "workflow:<json>"
 //   (Make) and further "<key>:<value>" entries; ComfyUI's own scheme, so any tag may hold a key.
