@@ -303,6 +303,9 @@ impl Handoff {
     }
 }
 
+/// Reads exactly `buf.len()` bytes at a file offset.
+type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> Result<(), HandoffError> + Sync + 'a;
+
 /// `total` samples of type `from` at byte `offset`, read with `read` and converted to `to`.
 ///
 /// Large frames are split across the cores: each worker reads its own part of the file a chunk
@@ -314,7 +317,7 @@ fn read_converted(
     offset: u64,
     from: SampleType,
     to: SampleType,
-    read: &(dyn Fn(&mut [u8], u64) -> Result<(), HandoffError> + Sync),
+    read: &ReadAt<'_>,
 ) -> Result<Vec<u8>, HandoffError> {
     let in_size = usize::from(from.bytes());
     let out_size = usize::from(to.bytes());
