@@ -1,19 +1,31 @@
 """Luna Daemon Image Saver: a ComfyUI output node that hands images to the Luna Saver daemon.
 
-The node converts up to five IMAGE inputs (batches included) to 8-bit pixels, sends them in one
-MessagePack request to the gateway's `POST /v1/jobs` and returns at once with the job id; the
-daemon encodes and writes the files in the background. See README.md beside this file.
+The node hands up to five IMAGE inputs (batches included) to the gateway's `POST /v1/jobs` in one
+MessagePack request and returns at once with the job id; the daemon converts, encodes and writes
+the files in the background. See README.md beside this file.
 
-Imports only the standard library and numpy at module import (msgpack is imported when the node
-runs, so a missing package is reported in the node's output instead of breaking ComfyUI's node
-loading). torch is never imported: tensors are duck-typed through `.cpu().numpy()`.
+Two ways for the pixels:
+- **Local hand-off** (the daemon on this machine, `GET /v1/handoff` answers with a directory this
+  process can write): the tensor's float32 samples are copied once into a file in shared memory
+  that this process keeps mapped (one per input, reused run after run), and the request carries
+  only its name; the gateway reads and converts them before it answers.
+- **Inline** (a remote daemon, another platform, or any hand-off problem): the node converts to
+  the format's sample type (8-bit, 16-bit or float) and sends the bytes in the request.
+
+Imports only the standard library and numpy at module import (msgpack, Pillow and ComfyUI's
+`folder_paths` are imported when the node runs, so a missing package is reported in the node's
+output instead of breaking ComfyUI's node loading). torch is never imported: tensors are
+duck-typed (`.cpu().numpy()`, and `mul`/`add_`/`clamp_`/`byte` for the 8-bit conversion).
 """
 
+import atexit
 import json
 import logging
+import mmap
 import os
 import secrets
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,7 +52,16 @@ PER_IMAGE_OVERHEAD = 512
 
 NUM_INPUTS = 5
 DEFAULT_AFFIXES = ("RAW", "UPSCALED", "DETAILED", "FINAL", "IMAGE5")
-FORMATS = ["png", "webp", "jpeg"]
+FORMATS = ["png", "webp", "jpeg", "png16", "exr", "avif"]
+# The sample type each format is encoded from (the gateway converts anything else to it).
+FORMAT_SAMPLE = {"png": "u8", "webp": "u8", "jpeg": "u8", "avif": "u8", "png16": "u16",
+                 "exr": "f32"}
+EXR_PRECISIONS = ["32", "16"]
+HANDOFF_UNAVAILABLE = "handoff_unavailable"
+# How long "this gateway takes no hand-off" is believed before asking again.
+HANDOFF_NEGATIVE_TTL_S = 60.0
+# Previews: longest side, and where ComfyUI's /view serves them from.
+PREVIEW_MAX_SIDE = 256
 QUALITY_GATES = ["disabled", "variance", "edge_density", "both"]
 MAX_INDEX = 2**63 - 1
 
@@ -83,8 +104,35 @@ def float_to_uint8(x):
     return y.astype(np.uint8)
 
 
-def split_batch(image):
-    """The elements of one IMAGE input as a list of [H, W, C] arrays.
+def float_to_uint16(x):
+    """0..1 floats to 0..65535 little-endian: `clip(x * 65535 + 0.5, 0, 65535)` truncated, NaN
+    to 0 (the gateway's rule for png16). Integer input is taken as 8-bit and widened (x * 257)."""
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+        return (np.clip(x, 0, 255).astype("<u2") * 257).astype("<u2")
+    x = x.astype(np.float32, copy=False) if x.dtype != np.float64 else x
+    y = x * 65535 + 0.5
+    np.nan_to_num(y, copy=False, nan=0.0)
+    np.clip(y, 0, 65535, out=y)
+    return y.astype("<u2")
+
+
+def _is_torch_like(image):
+    return all(hasattr(image, a) for a in ("mul", "add_", "clamp_", "nan_to_num_", "byte"))
+
+
+def uint8_batch(image):
+    """A whole IMAGE input as uint8 in the fastest place: a torch tensor converts itself with
+    its own multi-threaded ops (no torch import), numpy arrays through `float_to_uint8`. Both
+    compute trunc(clamp(x * 255 + 0.5, 0, 255)) in float32 with NaN to 0."""
+    dtype = str(getattr(image, "dtype", ""))
+    if _is_torch_like(image) and "float32" in dtype:
+        return to_numpy(image.mul(255).add_(0.5).nan_to_num_(0.0).clamp_(0, 255).byte())
+    return float_to_uint8(to_numpy(image))
+
+
+def as_batch(image):
+    """One IMAGE input as a [B, H, W, C] numpy array (a view where possible).
 
     Accepts [B, H, W, C] (ComfyUI's layout), [H, W, C] and [H, W] (one image), C in 1, 3, 4.
     """
@@ -100,15 +148,37 @@ def split_batch(image):
         raise ValueError(f"an IMAGE must have 1, 3 or 4 channels; got shape {[b, h, w, c]}")
     if b == 0 or h == 0 or w == 0:
         raise ValueError(f"an IMAGE must not be empty; got shape {[b, h, w, c]}")
-    return [arr[i] for i in range(b)]
+    return arr
 
 
-def image_entry(element, affix, fmt, subdir, batch_index, batch_size):
-    """One entry of the request's `images` from one [H, W, C] float array."""
-    pixels = np.ascontiguousarray(float_to_uint8(element))
-    h, w, c = pixels.shape
-    return {
-        "pixels": pixels.tobytes(),
+def split_batch(image):
+    """The elements of one IMAGE input as a list of [H, W, C] arrays."""
+    arr = as_batch(image)
+    return [arr[i] for i in range(arr.shape[0])]
+
+
+def inline_pixels(element, fmt):
+    """(bytes, sample) of one [H, W, C] element in the sample type of `fmt`."""
+    sample = FORMAT_SAMPLE.get(fmt, "u8")
+    if sample == "u16":
+        data = float_to_uint16(element)
+    elif sample == "f32":
+        data = np.asarray(element).astype("<f4", copy=False)
+    else:
+        data = float_to_uint8(element)
+    return np.ascontiguousarray(data).tobytes(), sample
+
+
+def image_entry(element, affix, fmt, subdir, batch_index, batch_size, pixels=None):
+    """One entry of the request's `images` from one [H, W, C] array, with inline pixels in the
+    format's sample type (or `pixels`, already converted 8-bit bytes)."""
+    h, w, c = element.shape
+    if pixels is None:
+        pixels, sample = inline_pixels(element, fmt)
+    else:
+        sample = "u8"
+    entry = {
+        "pixels": pixels,
         "width": int(w),
         "height": int(h),
         "channels": int(c),
@@ -118,6 +188,9 @@ def image_entry(element, affix, fmt, subdir, batch_index, batch_size):
         "batch_index": int(batch_index),
         "batch_size": int(batch_size),
     }
+    if sample != "u8":
+        entry["sample"] = sample
+    return entry
 
 
 # --- metadata ------------------------------------------------------------------------------
@@ -243,11 +316,12 @@ def _env_number(name, default, cast):
 
 def chunk_images(images, options_bytes, max_images, max_body_bytes):
     """Splits `images` into consecutive groups the gateway accepts: at most `max_images` each
-    and, estimated, at most `max_body_bytes` per request. An image too large on its own still
-    gets its own group (the gateway then answers 413 with its reason)."""
+    and, estimated, at most `max_body_bytes` per request (hand-off bytes count as body bytes:
+    the gateway holds them in the same budget). An image too large on its own still gets its
+    own group (the gateway then answers 413 with its reason)."""
     groups, current, size = [], [], options_bytes
     for entry in images:
-        cost = len(entry["pixels"]) + PER_IMAGE_OVERHEAD
+        cost = _entry_bytes(entry) + PER_IMAGE_OVERHEAD
         if current and (len(current) >= max_images or size + cost > max_body_bytes):
             groups.append(current)
             current, size = [], options_bytes
@@ -272,13 +346,18 @@ def new_traceparent():
 class SubmitError(Exception):
     """A submission the gateway did not accept; `str()` is the text to show after `ERROR: `.
     `retryable` when the same request may be sent again (no answer, 503, 429), with the
-    gateway's `Retry-After` in seconds when it gave one."""
+    gateway's `Retry-After` in seconds when it gave one. `code` is the gateway's machine-readable
+    `code` (e.g. `handoff_unavailable`); `answered` is false when the request may have reached
+    the gateway without an answer coming back (a timeout, a connection lost mid-way)."""
 
-    def __init__(self, message, refused=False, retryable=False, retry_after=None):
+    def __init__(self, message, refused=False, retryable=False, retry_after=None, code=None,
+                 answered=True):
         super().__init__(message)
         self.refused = refused
         self.retryable = retryable
         self.retry_after = retry_after
+        self.code = code
+        self.answered = answered
 
 
 def _retry_after(headers):
@@ -313,13 +392,15 @@ def post_job(url, body, token=None, timeout=DEFAULT_TIMEOUT_S, traceparent=None,
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
     except urllib.error.HTTPError as e:
+        detail, code = None, None
         try:
-            detail = json.loads(e.read().decode("utf-8", "replace")).get("error")
+            answer = json.loads(e.read().decode("utf-8", "replace"))
+            detail, code = answer.get("error"), answer.get("code")
         except Exception:  # noqa: BLE001 - not the gateway's JSON error body
-            detail = None
+            pass
         raise SubmitError(detail or f"HTTP {e.code} {e.reason} from {url}",
                           retryable=e.code in (429, 503),
-                          retry_after=_retry_after(e.headers)) from None
+                          retry_after=_retry_after(e.headers), code=code) from None
     except (urllib.error.URLError, OSError) as e:
         if _is_refused(e):
             raise SubmitError("Connection refused. Is daemon running?", refused=True,
@@ -327,9 +408,9 @@ def post_job(url, body, token=None, timeout=DEFAULT_TIMEOUT_S, traceparent=None,
         reason = getattr(e, "reason", e)
         if isinstance(reason, (socket.timeout, TimeoutError)):
             raise SubmitError(f"no answer from daemon at {url} within {timeout:g} s",
-                              retryable=True) from None
+                              retryable=True, answered=False) from None
         raise SubmitError(f"could not reach daemon at {url}: {reason}",
-                          retryable=True) from None
+                          retryable=True, answered=False) from None
     try:
         answer = json.loads(raw.decode("utf-8"))
         answer["job_id"]  # noqa: B018 - must be present
@@ -339,11 +420,13 @@ def post_job(url, body, token=None, timeout=DEFAULT_TIMEOUT_S, traceparent=None,
 
 
 def post_with_retry(url, body, token=None, timeout=DEFAULT_TIMEOUT_S, traceparent=None,
-                    retry_for=DEFAULT_RETRY_FOR_S, sleep=time.sleep, clock=time.monotonic):
+                    retry_for=DEFAULT_RETRY_FOR_S, sleep=time.sleep, clock=time.monotonic,
+                    on_unanswered=None):
     """`post_job` with one Idempotency-Key per submission, retried on no answer, 503 and 429
     (waiting `Retry-After` when given) for at most `retry_for` seconds. A retry with the key
     names the same job and never saves an image twice. A refused connection on the first try
-    is not retried: the daemon is not running."""
+    is not retried: the daemon is not running. `on_unanswered()` is called for every attempt
+    that may have reached the gateway without an answer."""
     key = secrets.token_hex(16)
     started = clock()
     backoff = 0.5
@@ -353,6 +436,8 @@ def post_with_retry(url, body, token=None, timeout=DEFAULT_TIMEOUT_S, traceparen
         try:
             return post_job(url, body, token, timeout, traceparent, idempotency_key=key)
         except SubmitError as e:
+            if not e.answered and on_unanswered is not None:
+                on_unanswered()
             if not e.retryable or (e.refused and attempt == 1):
                 raise
             wait = min(e.retry_after if e.retry_after is not None else backoff,
@@ -363,6 +448,229 @@ def post_with_retry(url, body, token=None, timeout=DEFAULT_TIMEOUT_S, traceparen
             log.warning("%s attempt %d: %s; retrying in %.1f s with the same Idempotency-Key",
                         PREFIX, attempt, e, wait)
             sleep(wait)
+
+
+# --- local hand-off ------------------------------------------------------------------------
+
+
+def _boot_id():
+    """This machine's boot id (Linux), or None where there is none to read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+# gateway base URL -> (hand-off directory or None, when it was learnt)
+_handoff_dirs = {}
+# Segments and the requests that use them are never shared between threads.
+_handoff_lock = threading.Lock()
+
+
+def handoff_dir(base_url, token=None, timeout=2.0, clock=time.monotonic):
+    """The gateway's hand-off directory when this process can use it, else None.
+
+    Asked once per gateway URL (`GET /v1/handoff`) and remembered: a directory until a
+    hand-off fails (`forget_handoff`), "none" for `HANDOFF_NEGATIVE_TTL_S`. Usable only when
+    the directory exists here and is writable, and the gateway's boot id is this machine's
+    (when both are known): a remote gateway may name a folder that happens to exist here too.
+    """
+    known = _handoff_dirs.get(base_url)
+    if known is not None:
+        directory, learnt = known
+        if directory is not None or clock() - learnt < HANDOFF_NEGATIVE_TTL_S:
+            return directory
+    headers = {"Accept": "application/json", "User-Agent": "luna-comfyui-node/1"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(base_url + "/v1/handoff", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            info = json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError:
+        info = None  # 404: disabled; an older gateway without the route; a wrong token
+    except (urllib.error.URLError, OSError, ValueError):
+        return None  # not reachable now: ask again next time
+    directory = None
+    if isinstance(info, dict) and isinstance(info.get("dir"), str) \
+            and "f32" in (info.get("sample_types") or []):
+        theirs, ours = info.get("boot_id"), _boot_id()
+        same_machine = theirs is None or ours is None or theirs == ours
+        candidate = info["dir"]
+        if same_machine and os.path.isdir(candidate) \
+                and os.access(candidate, os.W_OK | os.X_OK):
+            directory = candidate
+    _handoff_dirs[base_url] = (directory, clock())
+    return directory
+
+
+def forget_handoff(base_url):
+    """Ask the gateway again next time (after a hand-off failed)."""
+    _handoff_dirs.pop(base_url, None)
+
+
+class Segment:
+    """One file in the hand-off directory, opened once, mapped, grown when needed, reused.
+
+    Its pages stay mapped (and so already faulted in) between runs, so writing a frame is one
+    copy at memory speed. Removed at interpreter exit, or when a request that used it got no
+    answer (the gateway may still be reading it, so it is never written again).
+    """
+
+    def __init__(self, directory, slot):
+        self.name = f"luna-{os.getpid()}-{slot}-{secrets.token_hex(6)}.f32"
+        self.path = os.path.join(directory, self.name)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+        for extra in ("O_NOFOLLOW", "O_CLOEXEC", "O_BINARY"):
+            flags |= getattr(os, extra, 0)
+        self.fd = os.open(self.path, flags, 0o600)
+        self.size = 0
+        self.map = None
+
+    def view(self, shape):
+        """A float32 array of `shape` over the start of the segment, grown to fit."""
+        nbytes = int(np.prod(shape)) * 4
+        if nbytes > self.size:
+            self._grow(nbytes)
+        return np.ndarray(shape, dtype="<f4", buffer=self.map, offset=0)
+
+    def _grow(self, nbytes):
+        size = -(-nbytes // (1 << 20)) * (1 << 20)  # whole MiB
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        os.ftruncate(self.fd, size)
+        populate = getattr(mmap, "MAP_POPULATE", 0)
+        if populate and hasattr(mmap, "MAP_SHARED"):
+            self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | populate)
+        else:
+            self.map = mmap.mmap(self.fd, size)
+            np.frombuffer(self.map, dtype=np.uint8)[::mmap.PAGESIZE] = 0  # fault pages in now
+        self.size = size
+
+    def close(self):
+        try:
+            if self.map is not None:
+                self.map.close()
+        except (BufferError, ValueError):
+            pass  # a view still exists; the mapping goes with the process
+        self.map = None
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+# (directory, input slot) -> Segment
+_segments = {}
+
+
+def segment_for(directory, slot):
+    segment = _segments.get((directory, slot))
+    if segment is None:
+        segment = Segment(directory, slot)
+        _segments[(directory, slot)] = segment
+    return segment
+
+
+def drop_segments(keys):
+    """Never writes these segments again: the gateway may still read them."""
+    for key in keys:
+        segment = _segments.pop(key, None)
+        if segment is not None:
+            segment.close()
+
+
+@atexit.register
+def _remove_segments():
+    drop_segments(list(_segments))
+
+
+def write_handoff(directory, slot, batch):
+    """Copies a [B, H, W, C] input into its slot's segment as float32; returns the segment."""
+    segment = segment_for(directory, slot)
+    view = segment.view(batch.shape)
+    try:
+        np.copyto(view, batch, casting="unsafe")
+    finally:
+        del view
+    return segment
+
+
+# --- previews ------------------------------------------------------------------------------
+
+
+def _temp_directory():
+    """ComfyUI's temp folder (what `/view?type=temp` serves), or None outside ComfyUI."""
+    try:
+        import folder_paths  # ComfyUI's module; absent when the node runs elsewhere
+        return folder_paths.get_temp_directory()
+    except Exception:  # noqa: BLE001 - no ComfyUI, no previews
+        return None
+
+
+def write_previews(elements, directory, max_side=PREVIEW_MAX_SIDE):
+    """Small previews of [H, W, C] float elements in `directory`, as SaveImage lists them.
+
+    Downscaled by strided slicing (every n-th pixel, no filtering: it costs nothing at 4K),
+    8-bit with the daemon's rounding, JPEG (PNG with alpha) at fast settings. Returns the
+    `ui.images` entries, or [] when Pillow is missing or the folder is not writable.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        return []
+    out = []
+    stem = f"luna_preview_{secrets.token_hex(5)}"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for i, element in enumerate(elements):
+            h, w = element.shape[:2]
+            step = max(1, -(-max(h, w) // max_side))
+            small = float_to_uint8(element[::step, ::step])
+            channels = small.shape[2]
+            if channels == 1:
+                img, ext = Image.fromarray(small[:, :, 0], "L"), "jpg"
+            elif channels == 4:
+                img, ext = Image.fromarray(np.ascontiguousarray(small), "RGBA"), "png"
+            else:
+                img, ext = Image.fromarray(np.ascontiguousarray(small), "RGB"), "jpg"
+            name = f"{stem}_{i:05}.{ext}"
+            if ext == "png":
+                img.save(os.path.join(directory, name), compress_level=1)
+            else:
+                img.save(os.path.join(directory, name), quality=85)
+            out.append({"filename": name, "subfolder": "", "type": "temp"})
+    except OSError as e:
+        log.warning("%s previews not written: %s", PREFIX, e)
+    return out
+
+
+class _Previews:
+    """Writes previews in a thread, overlapping the request to the daemon."""
+
+    def __init__(self, elements):
+        self.result = []
+        directory = _temp_directory()
+        self.thread = None
+        if directory and elements:
+            self.thread = threading.Thread(
+                target=self._run, args=(elements, directory), daemon=True,
+                name="luna-previews")
+            self.thread.start()
+
+    def _run(self, elements, directory):
+        self.result = write_previews(elements, directory)
+
+    def images(self):
+        if self.thread is not None:
+            self.thread.join()
+        return self.result
 
 
 # --- the node ------------------------------------------------------------------------------
@@ -377,7 +685,8 @@ class LunaDaemonImageSaver:
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("status",)
     DESCRIPTION = ("Submits images to the Luna Saver daemon (luna up) and returns at once; "
-                   "the daemon writes PNG/WebP/JPEG files with the workflow embedded.")
+                   "the daemon writes PNG (8 or 16-bit), WebP, JPEG, AVIF or EXR files with "
+                   "the workflow embedded.")
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's name
@@ -399,6 +708,10 @@ class LunaDaemonImageSaver:
             "model_name": ("STRING", {"default": ""}),
             "filename_index": ("INT", {"default": 0, "min": 0, "max": MAX_INDEX,
                                        "tooltip": "value of %index%"}),
+            # Last, so workflows saved before it keep their widget values.
+            "exr_precision": (EXR_PRECISIONS, {"default": "32",
+                                               "tooltip": "bits per EXR sample: 32 (float) or "
+                                                          "16 (half)"}),
         })
         return {
             "required": {
@@ -422,7 +735,7 @@ class LunaDaemonImageSaver:
              min_quality_threshold=0.3, png_compression=4, lossy_quality=90,
              lossless_webp=False, embed_workflow=True, custom_metadata="", metadata="",
              model_name="", filename_index=0, prompt=None, extra_pnginfo=None, **kwargs):
-        text = submit(
+        text, previews = run(
             save_path=save_path, filename=filename, quality_gate=quality_gate,
             min_quality_threshold=min_quality_threshold, png_compression=png_compression,
             lossy_quality=lossy_quality, lossless_webp=lossless_webp,
@@ -430,46 +743,105 @@ class LunaDaemonImageSaver:
             model_name=model_name, filename_index=filename_index, prompt=prompt,
             extra_pnginfo=extra_pnginfo, **kwargs,
         )
-        return {"ui": {"text": [text]}, "result": (text,)}
+        ui = {"text": [text]}
+        if previews:
+            ui["images"] = previews
+        return {"ui": ui, "result": (text,)}
 
 
-def collect_images(kwargs):
-    """The request's `images` from `image_i`, `affix_i`, `format_i`, `subdir_i`, in input order,
-    each batch element one image."""
-    entries = []
+class ImageInputSlot:
+    """One connected IMAGE input: the original (tensor or array), its [B, H, W, C] numpy view,
+    and where its images go."""
+
+    def __init__(self, slot, image, affix, fmt, subdir):
+        self.slot = slot
+        self.image = image
+        self.batch = as_batch(image)
+        self.affix = "" if affix is None else affix
+        self.fmt = fmt
+        self.subdir = subdir
+        self._u8 = None
+
+    def elements(self):
+        return [self.batch[b] for b in range(self.batch.shape[0])]
+
+    def inline_entry(self, b):
+        """Image `b` with its pixels inline, converted for its format in the cheapest place."""
+        size = self.batch.shape[0]
+        element = self.batch[b]
+        if FORMAT_SAMPLE.get(self.fmt, "u8") == "u8":
+            if self._u8 is None:
+                self._u8 = as_batch(uint8_batch(self.image))
+            pixels = np.ascontiguousarray(self._u8[b]).tobytes()
+            return image_entry(element, self.affix, self.fmt, self.subdir, b, size, pixels)
+        return image_entry(element, self.affix, self.fmt, self.subdir, b, size)
+
+    def handoff_entry(self, b, segment):
+        """Image `b` as a reference to its float32 samples in `segment`."""
+        _, h, w, c = self.batch.shape
+        nbytes = h * w * c * 4
+        return {
+            "width": int(w), "height": int(h), "channels": int(c), "sample": "f32",
+            "handoff": {"name": segment.name, "offset": b * nbytes},
+            "affix": str(self.affix), "format": str(self.fmt), "subdir": bool(self.subdir),
+            "batch_index": b, "batch_size": int(self.batch.shape[0]),
+            "_bytes": nbytes, "_input": self, "_b": b,
+        }
+
+
+def collect_inputs(kwargs):
+    """The connected `image_i` inputs with their `affix_i`, `format_i`, `subdir_i`, in order."""
+    inputs = []
     for i in range(1, NUM_INPUTS + 1):
         image = kwargs.get(f"image_{i}")
         if image is None:
             continue
-        affix = kwargs.get(f"affix_{i}", DEFAULT_AFFIXES[i - 1])
         fmt = kwargs.get(f"format_{i}", "png")
-        subdir = kwargs.get(f"subdir_{i}", True)
+        if fmt not in FORMAT_SAMPLE:
+            raise ValueError(f"format_{i}: {fmt!r} is not one of {', '.join(FORMATS)}")
         try:
-            elements = split_batch(image)
+            inputs.append(ImageInputSlot(i, image, kwargs.get(f"affix_{i}", DEFAULT_AFFIXES[i - 1]),
+                                         fmt, kwargs.get(f"subdir_{i}", True)))
         except ValueError as e:
             raise ValueError(f"image_{i}: {e}") from None
-        for b, element in enumerate(elements):
-            entries.append(image_entry(element, "" if affix is None else affix, fmt, subdir,
-                                       b, len(elements)))
-    return entries
+    return inputs
 
 
-def submit(save_path="", filename=DEFAULT_FILENAME, quality_gate="disabled",
-           min_quality_threshold=0.3, png_compression=4, lossy_quality=90, lossless_webp=False,
-           embed_workflow=True, custom_metadata="", metadata="", model_name="",
-           filename_index=0, prompt=None, extra_pnginfo=None, **kwargs):
+def collect_images(kwargs):
+    """The request's `images` with inline pixels, in input order, each batch element one image."""
+    return [inp.inline_entry(b) for inp in collect_inputs(kwargs)
+            for b in range(inp.batch.shape[0])]
+
+
+def _entry_bytes(entry):
+    return entry.get("_bytes", len(entry.get("pixels", b"")))
+
+
+def _wire(entry):
+    return {k: v for k, v in entry.items() if not k.startswith("_")}
+
+
+def submit(**kwargs):
     """Does the node's work and returns the text it shows; never raises for expected failures."""
+    return run(**kwargs)[0]
+
+
+def run(save_path="", filename=DEFAULT_FILENAME, quality_gate="disabled",
+        min_quality_threshold=0.3, png_compression=4, lossy_quality=90, lossless_webp=False,
+        embed_workflow=True, custom_metadata="", metadata="", model_name="",
+        filename_index=0, prompt=None, extra_pnginfo=None, exr_precision="32", **kwargs):
+    """(text the node shows, `ui.images` previews); never raises for expected failures."""
     try:
         import msgpack
     except ImportError:
         return f"{PREFIX} ERROR: the Python package msgpack is missing; run `pip install msgpack` " \
-               "in ComfyUI's Python environment"
+               "in ComfyUI's Python environment", []
     try:
-        images = collect_images(kwargs)
+        inputs = collect_inputs(kwargs)
     except ValueError as e:
-        return f"{PREFIX} ERROR: {e}"
-    if not images:
-        return f"{PREFIX} ERROR: no image connected; connect at least one of image_1..image_5"
+        return f"{PREFIX} ERROR: {e}", []
+    if not inputs:
+        return f"{PREFIX} ERROR: no image connected; connect at least one of image_1..image_5", []
 
     warnings = []
     metadata_obj, warning = json_object_or_warning("metadata", metadata)
@@ -488,6 +860,7 @@ def submit(save_path="", filename=DEFAULT_FILENAME, quality_gate="disabled",
             "png_compression": int(png_compression),
             "lossy_quality": int(lossy_quality),
             "lossless_webp": bool(lossless_webp),
+            "exr_precision": int(exr_precision),
             "embed_workflow": bool(embed_workflow),
             "prompt": prompt if prompt else None,
             "extra_pnginfo": extra_pnginfo if extra_pnginfo else None,
@@ -495,26 +868,65 @@ def submit(save_path="", filename=DEFAULT_FILENAME, quality_gate="disabled",
             "custom_metadata": custom_obj,
         }
     except (TypeError, ValueError) as e:
-        return f"{PREFIX} ERROR: bad input value: {e}"
+        return f"{PREFIX} ERROR: bad input value: {e}", []
     options = {k: v for k, v in options.items() if v is not None}
 
-    url = os.environ.get("LUNA_GATEWAY_URL", "").strip() or DEFAULT_GATEWAY_URL
-    url = url.rstrip("/") + "/v1/jobs"
-    token = os.environ.get("LUNA_TOKEN", "").strip() or None
-    timeout = _env_number("LUNA_SUBMIT_TIMEOUT", DEFAULT_TIMEOUT_S, float)
-    retry_for = _env_number("LUNA_SUBMIT_RETRY_FOR", DEFAULT_RETRY_FOR_S, float)
-    max_images = _env_number("LUNA_MAX_IMAGES", DEFAULT_MAX_IMAGES, int)
-    max_body = _env_number("LUNA_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, int)
+    base = (os.environ.get("LUNA_GATEWAY_URL", "").strip() or DEFAULT_GATEWAY_URL).rstrip("/")
+    settings = {
+        "base": base,
+        "url": base + "/v1/jobs",
+        "token": os.environ.get("LUNA_TOKEN", "").strip() or None,
+        "timeout": _env_number("LUNA_SUBMIT_TIMEOUT", DEFAULT_TIMEOUT_S, float),
+        "retry_for": _env_number("LUNA_SUBMIT_RETRY_FOR", DEFAULT_RETRY_FOR_S, float),
+        "max_images": _env_number("LUNA_MAX_IMAGES", DEFAULT_MAX_IMAGES, int),
+        "max_body": _env_number("LUNA_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, int),
+        "handoff": os.environ.get("LUNA_HANDOFF", "").strip().lower() not in ("0", "off", "no"),
+    }
+    with _handoff_lock:
+        text, previews, accepted = _submit(msgpack, options, inputs, settings)
+    if accepted:
+        for w in warnings:
+            log.warning("%s %s", PREFIX, w)
+    text = "\n".join([text] + [f"{PREFIX} WARNING: {w}" for w in warnings])
+    # Previews only for images the daemon took: a preview promises a file.
+    return text, previews.images() if accepted and previews is not None else []
 
+
+def _submit(msgpack, options, inputs, cfg):
+    """Sends every image; returns (text, the previews being written, all accepted)."""
     def pack(opts, group):
-        return msgpack.packb({**opts, "images": group}, use_bin_type=True,
+        return msgpack.packb({**opts, "images": [_wire(e) for e in group]}, use_bin_type=True,
                              default=_msgpack_default)
 
     try:
         options_bytes = len(pack(options, []))
     except Exception as e:  # noqa: BLE001 - a value msgpack cannot take even as text
-        return f"{PREFIX} ERROR: could not encode the request: {e}"
-    groups = chunk_images(images, options_bytes, max_images, max_body)
+        return f"{PREFIX} ERROR: could not encode the request: {e}", None, False
+
+    # Previews first, in a thread: they overlap the copy and the request.
+    previews = _Previews([e for inp in inputs for e in inp.elements()])
+
+    base = cfg["base"]
+    directory = handoff_dir(base, cfg["token"], min(cfg["timeout"], 2.0)) \
+        if cfg["handoff"] else None
+    used = []
+    entries = None
+    if directory is not None:
+        try:
+            entries = []
+            for inp in inputs:
+                segment = write_handoff(directory, inp.slot, inp.batch)
+                used.append((directory, inp.slot))
+                entries += [inp.handoff_entry(b, segment) for b in range(inp.batch.shape[0])]
+        except (OSError, ValueError, BufferError) as e:
+            log.warning("%s local hand-off not possible (%s); sending pixels inline", PREFIX, e)
+            drop_segments(used)
+            forget_handoff(base)
+            entries, used = None, []
+    if entries is None:
+        entries = [inp.inline_entry(b) for inp in inputs for b in range(inp.batch.shape[0])]
+
+    groups = chunk_images(entries, options_bytes, cfg["max_images"], cfg["max_body"])
     if len(groups) > 1:
         # Several jobs: render %time:...% here, once, so every part gets the same names.
         now = _now()
@@ -522,41 +934,65 @@ def submit(save_path="", filename=DEFAULT_FILENAME, quality_gate="disabled",
         options["filename"] = pin_time(options["filename"], now)
 
     traceparent = new_traceparent()
+    unanswered = []
     accepted = []
-    for n, group in enumerate(groups):
+
+    def send(group):
         body = pack(options, group)
         for entry in group:  # the pixels now live in `body`; free them as we go
-            entry["pixels"] = b""
-        try:
-            accepted.append(post_with_retry(url, body, token, timeout, traceparent,
-                                            retry_for=retry_for))
-        except SubmitError as e:
-            if e.refused and not accepted:
-                text = CONNECTION_REFUSED
-            else:
-                text = f"{PREFIX} ERROR: {e}"
-            if accepted:
-                done = sum(int(a.get("num_images", 0)) for a in accepted)
-                ids = ", ".join(a["job_id"] for a in accepted)
-                text += f" (part {n + 1} of {len(groups)} failed; {done} of {len(images)} " \
-                        f"images were already submitted as job {ids})"
-            log.error("%s", text)
-            return "\n".join([text] + [f"{PREFIX} WARNING: {w}" for w in warnings])
-        del body
+            if "pixels" in entry:
+                entry["pixels"] = b""
+        return post_with_retry(cfg["url"], body, cfg["token"], cfg["timeout"], traceparent,
+                               retry_for=cfg["retry_for"],
+                               on_unanswered=lambda: unanswered.append(True))
+
+    try:
+        for n, group in enumerate(groups):
+            try:
+                try:
+                    accepted.append(send(group))
+                except SubmitError as e:
+                    if e.code != HANDOFF_UNAVAILABLE or not any("handoff" in x for x in group):
+                        raise
+                    # Not on the gateway's machine after all (or hand-off off): inline, for
+                    # this and every later part.
+                    log.info("%s gateway cannot read the hand-off (%s); sending inline",
+                             PREFIX, e)
+                    forget_handoff(base)
+                    for later in groups[n:]:
+                        later[:] = [x["_input"].inline_entry(x["_b"]) if "handoff" in x else x
+                                    for x in later]
+                    accepted.append(send(group))
+            except SubmitError as e:
+                if e.refused and not accepted:
+                    text = CONNECTION_REFUSED
+                else:
+                    text = f"{PREFIX} ERROR: {e}"
+                if accepted:
+                    done = sum(int(a.get("num_images", 0)) for a in accepted)
+                    ids = ", ".join(a["job_id"] for a in accepted)
+                    text += f" (part {n + 1} of {len(groups)} failed; {done} of " \
+                            f"{len(entries)} images were already submitted as job {ids})"
+                log.error("%s", text)
+                if not e.answered:
+                    forget_handoff(base)
+                return text, previews, False
+    finally:
+        if unanswered:
+            # The gateway may still be reading these: never write them again.
+            drop_segments(used)
 
     if len(accepted) == 1:
         text = accepted[0].get("message") or \
-            f"{PREFIX} Submitted {accepted[0].get('num_images', len(images))} images to " \
+            f"{PREFIX} Submitted {accepted[0].get('num_images', len(entries))} images to " \
             f"daemon. Job ID: {accepted[0]['job_id']}"
     else:
         total = sum(int(a.get("num_images", 0)) for a in accepted)
         ids = ", ".join(a["job_id"] for a in accepted)
         text = f"{PREFIX} Submitted {total} images to daemon in {len(accepted)} jobs. " \
                f"Job IDs: {ids}"
-    for w in warnings:
-        log.warning("%s %s", PREFIX, w)
     log.info("%s (traceparent %s)", text, traceparent)
-    return "\n".join([text] + [f"{PREFIX} WARNING: {w}" for w in warnings])
+    return text, previews, True
 
 
 NODE_CLASS_MAPPINGS = {"LunaDaemonImageSaver": LunaDaemonImageSaver}

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 import uuid
@@ -70,16 +71,22 @@ def free_port():
 # --- the daemon ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def daemon(tmp_path_factory):
+def _build_luna():
+    given = os.environ.get("LUNA_TEST_BINARY")  # a `luna` built elsewhere (shared target dirs)
+    if given:
+        return Path(given)
     build = subprocess.run(["nice", "cargo", "build", "-q", "--bin", "luna"], cwd=ROOT,
                            capture_output=True, text=True, check=False)
     assert build.returncode == 0, f"cargo build failed:\n{build.stderr[-4000:]}"
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     binary = (target if target.is_absolute() else ROOT / target) / "debug" / "luna"
     assert binary.is_file(), f"{binary} was not built"
+    return binary
 
-    base = tmp_path_factory.mktemp("comfyui")
+
+def _run_daemon(base, extra_args):
+    """`luna up` on free ports under `base` until the generator is closed."""
+    binary = _build_luna()
     output = base / "output"
     output.mkdir()
     gateway_port, status_port = free_port(), free_port()
@@ -91,7 +98,7 @@ def daemon(tmp_path_factory):
         proc = subprocess.Popen(
             [str(binary), "up", "--gateway-listen", f"127.0.0.1:{gateway_port}",
              "--status-listen", f"127.0.0.1:{status_port}", "--output-root", str(output),
-             "--shutdown-grace", "5s"],
+             "--shutdown-grace", "5s", *extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def tail():
@@ -113,7 +120,8 @@ def daemon(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"luna up not ready at {url}/readyz\n{tail()}", pytrace=False)
             time.sleep(0.2)
-        yield SimpleNamespace(url=url, output=output, logs=tail)
+        yield SimpleNamespace(url=url, output=output, logs=tail,
+                              status=f"http://127.0.0.1:{status_port}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # drains accepted work, then exits
@@ -124,12 +132,49 @@ def daemon(tmp_path_factory):
                 proc.wait(timeout=5)
 
 
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory):
+    """`luna up` with a hand-off directory of its own (the node finds it: same machine)."""
+    base = tmp_path_factory.mktemp("comfyui")
+    handoff = base / "handoff"
+    for d in _run_daemon(base, ["--handoff-dir", str(handoff)]):
+        d.handoff = handoff
+        yield d
+
+
+@pytest.fixture(scope="session")
+def daemon_without_handoff(tmp_path_factory):
+    """`luna up --handoff-dir none`: every node falls back to inline pixels."""
+    base = tmp_path_factory.mktemp("comfyui-inline")
+    yield from _run_daemon(base, ["--handoff-dir", "none"])
+
+
+def _clean_env(monkeypatch, url):
+    monkeypatch.setenv("LUNA_GATEWAY_URL", url)
+    for name in ("LUNA_TOKEN", "LUNA_MAX_IMAGES", "LUNA_MAX_BODY_BYTES", "LUNA_SUBMIT_TIMEOUT",
+                 "LUNA_HANDOFF"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def spy_requests(node, monkeypatch):
+    """Records every request body the node posts (decoded), and passes it on."""
+    sent = []
+    real = node.post_job
+
+    def post_job(url, body, *args, **kwargs):
+        sent.append(msgpack.unpackb(body, raw=False))
+        return real(url, body, *args, **kwargs)
+
+    monkeypatch.setattr(node, "post_job", post_job)
+    return sent
+
+
 @pytest.fixture
 def node(daemon, monkeypatch):
-    monkeypatch.setenv("LUNA_GATEWAY_URL", daemon.url)
-    for name in ("LUNA_TOKEN", "LUNA_MAX_IMAGES", "LUNA_MAX_BODY_BYTES", "LUNA_SUBMIT_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
-    return load_node()
+    _clean_env(monkeypatch, daemon.url)
+    module = load_node()
+    yield module
+    module._remove_segments()
 
 
 def wait_for_files(daemon, paths):
@@ -174,7 +219,7 @@ def test_inputs_land_with_names_folders_and_workflow(daemon, node):
         prompt=PROMPT, extra_pnginfo=EXTRA_PNGINFO,
     )
     text = out["result"][0]
-    assert out["ui"] == {"text": [text]}
+    assert out["ui"] == {"text": [text]}, "outside ComfyUI (no folder_paths): no previews"
     match = SUBMITTED.match(text)
     assert match, text
     assert match.group(1) == "3"
@@ -437,7 +482,7 @@ def test_the_request_on_the_wire(fake_gateway, monkeypatch):
         "quality_gate": "both", "min_quality_threshold": 0.5, "png_compression": 9,
         "lossy_quality": 75, "lossless_webp": True, "embed_workflow": False,
         "prompt": PROMPT, "extra_pnginfo": EXTRA_PNGINFO, "metadata": {"seed": 3},
-        "custom_metadata": {"k": 1},
+        "custom_metadata": {"k": 1}, "exr_precision": 32,
     }
     assert isinstance(image["pixels"], bytes) and image["pixels"] == bytes([128]) * 18
     del image["pixels"]
@@ -511,11 +556,15 @@ def test_package_exports_and_inputs():
     assert types["required"]["quality_gate"][0] == ["disabled", "variance", "edge_density", "both"]
     expected_optional = {f"{k}_{i}" for k in ("image", "affix", "format", "subdir")
                          for i in range(1, 6)}
-    expected_optional |= {"custom_metadata", "metadata", "model_name", "filename_index"}
+    expected_optional |= {"custom_metadata", "metadata", "model_name", "filename_index",
+                          "exr_precision"}
     assert set(types["optional"]) == expected_optional
     assert [types["optional"][f"affix_{i}"][1]["default"] for i in range(1, 6)] == \
         ["RAW", "UPSCALED", "DETAILED", "FINAL", "IMAGE5"]
-    assert types["optional"]["format_1"][0] == ["png", "webp", "jpeg"]
+    assert types["optional"]["format_1"][0] == ["png", "webp", "jpeg", "png16", "exr", "avif"]
+    assert list(types["optional"])[-1] == "exr_precision", "new inputs go last"
+    assert types["optional"]["exr_precision"][0] == ["32", "16"]
+    assert types["optional"]["exr_precision"][1]["default"] == "32"
     assert types["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
 
 
@@ -524,7 +573,348 @@ def test_import_is_light():
     code = (f"import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('n', {str(NODE_FILE)!r})\n"
             f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-            f"print(sorted(k for k in ('torch', 'msgpack') if k in sys.modules))")
+            f"print(sorted(k for k in ('torch', 'msgpack', 'PIL', 'folder_paths') "
+            f"if k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- the local hand-off, the HTTP fallback, previews -----------------------------------------
+
+
+def decoded(path):
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+def test_shared_memory_path_sends_no_pixels_and_saves_the_same_pixels(daemon, node, monkeypatch):
+    sent = spy_requests(node, monkeypatch)
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    batch = gradient(2, 19, 23, 3, 11)
+    batch[0, 0, 0] = [np.nan, -1.0, 2.0]
+    rgba = gradient(1, 8, 9, 4, 12)
+    text = node.submit(save_path=save_path, filename="shm", image_1=batch, image_2=rgba,
+                       format_2="webp", lossless_webp=True)
+    assert SUBMITTED.match(text), text
+    (request,) = sent
+    for image in request["images"]:
+        assert "pixels" not in image, "pixels travel through shared memory"
+        assert image["sample"] == "f32"
+        assert set(image["handoff"]) == {"name", "offset"}
+    first, second = request["images"][:2]
+    assert first["handoff"]["name"] == second["handoff"]["name"], "one segment per input"
+    assert second["handoff"]["offset"] == 19 * 23 * 3 * 4
+    segments = sorted(p.name for p in daemon.handoff.iterdir())
+    assert first["handoff"]["name"] in segments
+
+    paths = [daemon.output / save_path / "RAW" / f"shm_RAW_{i}.png" for i in range(2)]
+    webp = daemon.output / save_path / "UPSCALED" / "shm_UPSCALED.webp"
+    wait_for_files(daemon, paths + [webp])
+    for i, path in enumerate(paths):
+        assert np.array_equal(decoded(path), reference_uint8(np.nan_to_num(batch[i])))
+    assert decoded(paths[0])[0, 0].tolist() == [0, 0, 255]
+    assert np.array_equal(decoded(webp), reference_uint8(rgba[0]))
+
+    # The next run reuses the segment (no new file), and removing it at exit leaves nothing.
+    assert SUBMITTED.match(node.submit(save_path=save_path, filename="again", image_1=batch))
+    assert sorted(p.name for p in daemon.handoff.iterdir()) == segments
+    node._remove_segments()
+    assert not any(daemon.handoff.iterdir())
+
+
+def test_pixels_via_shared_memory_and_via_http_are_identical(daemon, node, monkeypatch):
+    x = np.random.default_rng(13).uniform(-0.2, 1.2, size=(1, 31, 29, 3)).astype(np.float32)
+    x[0, 0, :5, 0] = np.array([0.5, 1.5, 254.5, 127.5, 0.0]) / 255  # halfway cases
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    sent = spy_requests(node, monkeypatch)
+    node.submit(save_path=save_path, filename="shm", image_1=x, affix_1="")
+    monkeypatch.setenv("LUNA_HANDOFF", "off")
+    node.submit(save_path=save_path, filename="http", image_1=x, affix_1="")
+    assert "handoff" in sent[0]["images"][0] and "pixels" in sent[1]["images"][0]
+    shm, http = daemon.output / save_path / "shm.png", daemon.output / save_path / "http.png"
+    wait_for_files(daemon, [shm, http])
+    assert np.array_equal(decoded(shm), decoded(http))
+    assert np.array_equal(decoded(shm), reference_uint8(x[0]))
+
+
+def test_a_daemon_without_handoff_gets_pixels_inline(daemon_without_handoff, monkeypatch):
+    d = daemon_without_handoff
+    _clean_env(monkeypatch, d.url)
+    node = load_node()
+    sent = spy_requests(node, monkeypatch)
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    x = gradient(1, 12, 10, 3, 14)
+    assert SUBMITTED.match(node.submit(save_path=save_path, filename="inline", image_1=x))
+    assert node._handoff_dirs[d.url][0] is None, "GET /v1/handoff answered 404"
+    (request,) = sent
+    image = request["images"][0]
+    assert "handoff" not in image and "sample" not in image, "8-bit formats travel as u8"
+    assert len(image["pixels"]) == 12 * 10 * 3
+    path = d.output / save_path / "RAW" / "inline_RAW.png"
+    wait_for_files(d, [path])
+    assert np.array_equal(decoded(path), reference_uint8(x[0]))
+
+
+def test_a_handoff_file_the_gateway_cannot_see_falls_back_to_inline(
+        daemon, node, monkeypatch, tmp_path):
+    """The gateway is elsewhere (another container, say) but a folder of the same name exists
+    here: the gateway answers 422 handoff_unavailable and the node sends the pixels inline."""
+    elsewhere = tmp_path / "not-the-gateways"
+    elsewhere.mkdir()
+    monkeypatch.setattr(node, "handoff_dir", lambda *a, **k: str(elsewhere))
+    forgotten = []
+    real_forget = node.forget_handoff
+    monkeypatch.setattr(node, "forget_handoff", lambda url: (forgotten.append(url),
+                                                              real_forget(url)))
+    sent = spy_requests(node, monkeypatch)
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    x = gradient(2, 6, 7, 3, 15)
+    text = node.submit(save_path=save_path, filename="fallback", image_1=x)
+    assert SUBMITTED.match(text) and SUBMITTED.match(text).group(1) == "2", text
+    assert "\n" not in text, "the status text is unchanged"
+    assert [("handoff" in i) for r in sent for i in r["images"]] == [True, True, False, False]
+    assert forgotten == [daemon.url]
+    paths = [daemon.output / save_path / "RAW" / f"fallback_RAW_{i}.png" for i in range(2)]
+    wait_for_files(daemon, paths)
+    for i, path in enumerate(paths):
+        assert np.array_equal(decoded(path), reference_uint8(x[i]))
+
+
+def test_a_request_without_an_answer_never_reuses_its_segment(tmp_path, monkeypatch):
+    """A timed-out request may still be read by the gateway: its segment is dropped."""
+    node = load_node()
+    directory = tmp_path / "handoff"
+    directory.mkdir()
+    monkeypatch.setenv("LUNA_GATEWAY_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("LUNA_SUBMIT_RETRY_FOR", "0.01")
+    monkeypatch.setattr(node, "handoff_dir", lambda *a, **k: str(directory))
+
+    def no_answer(*args, **kwargs):
+        raise node.SubmitError("no answer", retryable=True, answered=False)
+
+    monkeypatch.setattr(node, "post_job", no_answer)
+    text = node.submit(image_1=gradient(1, 4, 4, 3, 16))
+    assert text == f"{PREFIX} ERROR: no answer", text
+    assert node._segments == {} and not any(directory.iterdir())
+
+
+@pytest.fixture
+def comfy_temp(tmp_path, monkeypatch):
+    """ComfyUI's `folder_paths` as far as the node uses it: the temp folder `/view` serves."""
+    temp = tmp_path / "comfy-temp"
+    module = types.ModuleType("folder_paths")
+    module.get_temp_directory = lambda: str(temp)
+    monkeypatch.setitem(sys.modules, "folder_paths", module)
+    return temp
+
+
+def test_previews_are_listed_as_saveimage_lists_them_and_decode(daemon, node, comfy_temp):
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    ys, xs = np.mgrid[0:600, 0:1000].astype(np.float32)
+    smooth = np.stack([xs / 999, ys / 599, (xs + ys) / 1598], axis=-1)  # JPEG-friendly
+    big = np.stack([smooth, 1 - smooth])
+    rgba = gradient(1, 40, 30, 4, 18)
+    gray = gradient(1, 300, 200, 1, 19)
+    out = node.LunaDaemonImageSaver().save(save_path=save_path, filename="p", image_1=big,
+                                           image_2=rgba, format_2="webp", image_3=gray)
+    text = out["result"][0]
+    assert SUBMITTED.match(text), text
+    assert out["ui"]["text"] == [text], "the status text is unchanged"
+    images = out["ui"]["images"]
+    assert len(images) == 4, images
+    sizes, modes = [], []
+    for entry in images:
+        assert set(entry) == {"filename", "subfolder", "type"} and entry["type"] == "temp"
+        path = comfy_temp / entry["subfolder"] / entry["filename"]
+        with Image.open(path) as img:
+            img.load()
+            sizes.append(img.size)
+            modes.append(img.mode)
+    assert sizes == [(250, 150), (250, 150), (30, 40), (100, 150)], sizes
+    assert modes == ["RGB", "RGB", "RGBA", "L"], modes
+    # Close to the saved pixels (every 4th pixel of the frame, JPEG at quality 85).
+    with Image.open(comfy_temp / images[0]["filename"]) as img:
+        want = reference_uint8(big[0][::4, ::4]).astype(float)
+        assert np.abs(np.asarray(img).astype(float) - want).mean() < 3
+
+
+def test_no_previews_for_a_failed_submission(daemon, node, comfy_temp):
+    out = node.LunaDaemonImageSaver().save(save_path="../outside",
+                                           image_1=gradient(1, 2, 2, 3, 20))
+    assert out["result"][0].startswith(f"{PREFIX} ERROR: ")
+    assert "images" not in out["ui"]
+
+
+class FakeTorch:
+    """Duck-types the torch ops the node's 8-bit conversion uses, with numpy in float32."""
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+        self.dtype = f"torch.{self.array.dtype}"
+        self.shape = self.array.shape
+        self.ops = []
+
+    def _next(self, array, op):
+        t = FakeTorch(array)
+        t.ops = self.ops + [op]
+        return t
+
+    def mul(self, k):
+        return self._next(self.array * np.float32(k), "mul")
+
+    def add_(self, k):
+        self.array += np.float32(k)
+        self.ops.append("add_")
+        return self
+
+    def nan_to_num_(self, v):
+        np.nan_to_num(self.array, copy=False, nan=v)
+        self.ops.append("nan_to_num_")
+        return self
+
+    def clamp_(self, lo, hi):
+        np.clip(self.array, lo, hi, out=self.array)
+        self.ops.append("clamp_")
+        return self
+
+    def byte(self):
+        return self._next(self.array.astype(np.uint8), "byte")
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.array
+
+
+def test_inline_8bit_conversion_uses_the_tensors_own_ops_with_the_same_rounding():
+    node = load_node()
+    x = np.random.default_rng(21).uniform(-0.5, 1.5, size=(2, 5, 6, 3)).astype(np.float32)
+    x[0, 0, 0] = [np.nan, np.inf, -np.inf]
+    tensor = FakeTorch(x)
+    got = node.uint8_batch(tensor)
+    assert np.array_equal(got, node.float_to_uint8(x))
+    assert np.array_equal(got, reference_uint8(np.nan_to_num(x)))
+    slot = node.ImageInputSlot(1, tensor, "A", "jpeg", True)
+    entry = slot.inline_entry(1)
+    assert entry["pixels"] == reference_uint8(x[1]).tobytes() and "sample" not in entry
+
+
+@pytest.mark.parametrize("fmt,sample,itemsize", [("png16", "u16", 2), ("exr", "f32", 4)])
+def test_deep_formats_travel_inline_in_their_own_sample_type(fmt, sample, itemsize):
+    node = load_node()
+    x = np.random.default_rng(22).uniform(-0.1, 1.1, size=(3, 4, 3)).astype(np.float32)
+    entry = node.image_entry(x, "A", fmt, True, 0, 1)
+    assert entry["sample"] == sample and len(entry["pixels"]) == x.size * itemsize
+    if fmt == "png16":
+        want = np.clip(np.floor(x.astype(np.float64) * 65535 + 0.5), 0, 65535).astype("<u2")
+        assert entry["pixels"] == want.tobytes()
+    else:
+        assert entry["pixels"] == x.astype("<f4").tobytes()
+
+
+# --- deep formats end to end: they wait for the png16/exr encoders (branch `formats`) --------
+
+# What a saver without the deep formats answers: no encoder, or (for 16-bit and float samples,
+# which it reads as 8-bit) a shape mismatch. Once the formats land neither appears.
+NO_ENCODER = re.compile(r"has no (png16|exr|avif) encoder|(pixel bytes do not fit)")
+
+
+def wait_for_file_or_missing_encoder(daemon, job_id, path):
+    """Waits for `path`; skips (saying why) while the saver has no encoder for the format."""
+    deadline = time.monotonic() + FILE_TIMEOUT
+    while not path.is_file():
+        try:
+            with urllib.request.urlopen(f"{daemon.status}/v1/jobs/{job_id}", timeout=2) as r:
+                status = r.read().decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError):
+            status = ""
+        missing = NO_ENCODER.search(status)
+        if missing:
+            what = missing.group(1) or "16-bit/float sample"
+            pytest.skip(f"waits for the {what} support of the saver (branch formats): {status}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} missing; job status: {status}\n{daemon.logs()}", pytrace=False)
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("handoff", [True, False], ids=["shm", "http"])
+def test_png16_is_round_x_times_65535(daemon, node, monkeypatch, handoff):
+    if not handoff:
+        monkeypatch.setenv("LUNA_HANDOFF", "off")
+    x = np.random.default_rng(23).uniform(-0.1, 1.1, size=(1, 9, 11, 3)).astype(np.float32)
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    text = node.submit(save_path=save_path, filename="deep", image_1=x, format_1="png16",
+                       affix_1="")
+    match = SUBMITTED.match(text)
+    assert match, text
+    path = daemon.output / save_path / "deep.png"
+    wait_for_file_or_missing_encoder(daemon, match.group(2), path)
+    with Image.open(path) as img:
+        assert img.mode in ("I;16", "I;16B", "RGB", "I"), img.mode
+    import zlib  # Pillow flattens 16-bit RGB; read the samples from the PNG itself
+    data = path.read_bytes()
+    idat, pos = b"", 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IHDR":
+            ihdr = data[pos + 8:pos + 8 + length]
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    assert ihdr[8] == 16 and ihdr[9] == 2, "16-bit RGB"
+    raw = zlib.decompress(idat)
+    stride = 11 * 3 * 2
+    rows, prev = [], bytearray(stride)
+    for r in range(9):
+        f, line = raw[r * (stride + 1)], bytearray(raw[r * (stride + 1) + 1:(r + 1) * (stride + 1)])
+        for i in range(stride):  # undo the PNG filters (bpp = 6)
+            a = line[i - 6] if i >= 6 else 0
+            b = prev[i]
+            c = prev[i - 6] if i >= 6 else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+                line[i] = (line[i] + pred) & 255
+        rows.append(bytes(line))
+        prev = line
+    got = np.frombuffer(b"".join(rows), dtype=">u2").reshape(9, 11, 3)
+    want = np.clip(np.round(x[0].astype(np.float64) * 65535), 0, 65535).astype(np.uint16)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("precision", ["32", "16"])
+def test_exr_keeps_the_tensor_within_its_precision(daemon, node, precision):
+    x = np.random.default_rng(24).uniform(-0.1, 1.1, size=(1, 7, 5, 3)).astype(np.float32)
+    save_path = f"comfy/{uuid.uuid4().hex[:12]}"
+    text = node.submit(save_path=save_path, filename="deep", image_1=x, format_1="exr",
+                       affix_1="", exr_precision=precision)
+    match = SUBMITTED.match(text)
+    assert match, text
+    path = daemon.output / save_path / "deep.exr"
+    wait_for_file_or_missing_encoder(daemon, match.group(2), path)
+    import OpenEXR  # tests/interop/requirements.txt
+    with OpenEXR.File(str(path)) as f:
+        channels = f.channels()
+        if "RGB" in channels:
+            got = np.asarray(channels["RGB"].pixels, dtype=np.float32)
+        else:
+            got = np.stack([np.asarray(channels[c].pixels, dtype=np.float32) for c in "RGB"],
+                           axis=-1)
+    assert got.shape == (7, 5, 3), got.shape
+    if precision == "32":
+        assert np.array_equal(got, x[0])
+    else:
+        assert np.allclose(got, x[0].astype(np.float16).astype(np.float32), atol=0, rtol=0)

@@ -22,9 +22,12 @@ use luna_job::SampleType;
 use rustix::fs::{FileType, Mode, OFlags};
 use rustix::io::Errno;
 
-/// Samples converted per step while reading: large enough that the conversion spreads over
-/// the cores, small enough that the source never sits in memory whole.
-const CHUNK_SAMPLES: usize = 4 << 20;
+/// Samples each reading thread converts per step: the chunk stays in cache between the read
+/// and the conversion, and is below the size at which the conversion itself would spawn.
+const CHUNK_SAMPLES: usize = 256 << 10;
+
+/// Frames below this many samples are read on one thread: spawning costs more.
+const PARALLEL_FROM: usize = 1 << 20;
 
 /// Where the hand-off directory is, as configured (`--handoff-dir`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,8 +285,6 @@ impl Handoff {
         }
         let file = File::from(fd);
         let total = usize::try_from(count).map_err(|_| short())?;
-        let out_size = usize::from(to.bytes());
-        let in_size = usize::from(from.bytes());
         let read = |buf: &mut [u8], at: u64| {
             file.read_exact_at(buf, at).map_err(|e| {
                 if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -298,29 +299,80 @@ impl Handoff {
                 }
             })
         };
+        read_converted(total, offset, from, to, &read)
+    }
+}
+
+/// Reads exactly `buf.len()` bytes at a file offset.
+type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> Result<(), HandoffError> + Sync + 'a;
+
+/// `total` samples of type `from` at byte `offset`, read with `read` and converted to `to`.
+///
+/// Large frames are split across the cores: each worker reads its own part of the file a chunk
+/// at a time into a small buffer that stays in cache, converts it and writes its own disjoint
+/// part of the output, so the samples cross memory once and the source never sits in the
+/// gateway whole.
+fn read_converted(
+    total: usize,
+    offset: u64,
+    from: SampleType,
+    to: SampleType,
+    read: &ReadAt<'_>,
+) -> Result<Vec<u8>, HandoffError> {
+    let in_size = usize::from(from.bytes());
+    let out_size = usize::from(to.bytes());
+    let mut out = vec![0u8; total * out_size];
+    let threads = if total >= PARALLEL_FROM {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        1
+    };
+    let per = total.div_ceil(threads.max(1)).max(1);
+    let work = |first: usize, part: &mut [u8]| -> Result<(), HandoffError> {
+        let at = |sample: usize| offset + (sample * in_size) as u64;
         if from == to {
-            let mut out = vec![0u8; total * in_size];
-            read(&mut out, offset)?;
-            return Ok(out);
+            return read(part, at(first));
         }
-        // Read and convert a chunk at a time: the source never sits in memory whole.
-        let mut out = Vec::with_capacity(total * out_size);
-        let mut chunk = vec![0u8; CHUNK_SAMPLES.min(total) * in_size];
+        let count = part.len() / out_size;
+        let mut chunk = vec![0u8; CHUNK_SAMPLES.min(count) * in_size];
         let mut done = 0usize;
-        while done < total {
-            let n = CHUNK_SAMPLES.min(total - done);
+        while done < count {
+            let n = CHUNK_SAMPLES.min(count - done);
             let buf = &mut chunk[..n * in_size];
-            read(buf, offset + (done * in_size) as u64)?;
+            read(buf, at(first + done))?;
             let converted =
                 luna_imaging::samples::convert(buf, from, to).map_err(|e| HandoffError::Io {
                     action: "convert samples of",
-                    path: path.clone(),
+                    path: PathBuf::new(),
                     source: io::Error::new(io::ErrorKind::InvalidData, e),
                 })?;
-            out.extend_from_slice(&converted);
+            part[done * out_size..(done + n) * out_size].copy_from_slice(&converted);
             done += n;
         }
-        Ok(out)
+        Ok(())
+    };
+    if threads <= 1 {
+        work(0, &mut out)?;
+        return Ok(out);
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = out
+            .chunks_mut(per * out_size)
+            .enumerate()
+            .map(|(i, part)| scope.spawn(move || work(i * per, part)))
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().unwrap_or_else(|_| Err(worker_panicked())))
+    })?;
+    Ok(out)
+}
+
+fn worker_panicked() -> HandoffError {
+    HandoffError::Io {
+        action: "read",
+        path: PathBuf::new(),
+        source: io::Error::other("a reading thread panicked"),
     }
 }
 
@@ -336,6 +388,26 @@ mod tests {
             "/tmp/x".parse::<HandoffDir>(),
             Ok(HandoffDir::At(PathBuf::from("/tmp/x")))
         );
+    }
+
+    #[test]
+    fn split_reads_convert_like_one_conversion() {
+        let n = PARALLEL_FROM + 3 * CHUNK_SAMPLES + 17;
+        let floats: Vec<u8> = (0..n)
+            .flat_map(|i| ((i % 1013) as f32 / 1000.0).to_le_bytes())
+            .collect();
+        let mut file = vec![9u8; 12];
+        file.extend_from_slice(&floats);
+        let read = |buf: &mut [u8], at: u64| {
+            let at = usize::try_from(at).expect("small");
+            buf.copy_from_slice(&file[at..at + buf.len()]);
+            Ok(())
+        };
+        for to in [SampleType::U8, SampleType::U16, SampleType::F32] {
+            let got = read_converted(n, 12, SampleType::F32, to, &read).expect("read");
+            let want = luna_imaging::samples::convert(&floats, SampleType::F32, to).expect("ok");
+            assert!(got == want, "{to:?}");
+        }
     }
 
     #[test]
