@@ -303,6 +303,9 @@ fn float_samples_posted_to_luna_up_save_as_png16_exr_and_avif() {
     );
     let avif = std::fs::read(dir.join("from_avif.avif")).expect("read avif");
     assert_eq!(&avif[4..12], b"ftypavif", "AVIF major brand");
-    assert!(avif.windows(4).any(|w| w == b"II*\0"), "EXIF (TIFF) payload");
+    assert!(
+        avif.windows(4).any(|w| w == b"II*\0"),
+        "EXIF (TIFF) payload"
+    );
     drop(daemon);
 }
