@@ -53,8 +53,6 @@ FILE_TIMEOUT = 20.0
 BOOT_TIMEOUT = 30.0
 WAIT_MS = 8000  # per file: how long a load may take before it counts as not loaded
 
-PENDING = "format not written by the daemon yet (issue 10 item 4); remove this marker when it lands"
-
 
 @dataclass(frozen=True)
 class Format:
@@ -65,7 +63,6 @@ class Format:
     stock: bool                      # must a stock frontend read it without our extension?
     job: dict = field(default_factory=dict)  # job-level request fields
     sample: str = "u8"               # how the pixels travel (the node sends f32 for float output)
-    pending: bool = False
 
 
 FORMATS = [
@@ -74,10 +71,10 @@ FORMATS = [
     Format("lossless_webp", {"format": "webp"}, "image/webp", stock=True,
            job={"lossless_webp": True}),
     Format("jpeg", {"format": "jpeg"}, "image/jpeg", stock=False),
-    Format("png16", {"format": "png16"}, "image/png", stock=True, sample="f32", pending=True),
+    Format("png16", {"format": "png16"}, "image/png", stock=True, sample="f32"),
     # Browsers give EXR files odd types: none on Windows, image/x-exr on most Linux desktops.
-    Format("exr", {"format": "exr"}, "", stock=False, sample="f32", pending=True),
-    Format("avif", {"format": "avif"}, "image/avif", stock=True, pending=True),
+    Format("exr", {"format": "exr"}, "", stock=False, sample="f32"),
+    Format("avif", {"format": "avif"}, "image/avif", stock=True),
 ]
 # Files without a workflow (embed_workflow off): with our extension the frontend must treat them
 # exactly as without it (1.27.x: a toast; newer: a LoadImage node).
@@ -526,9 +523,7 @@ def rows():
             for fmt in FORMATS:
                 if mode == "stock" and not fmt.stock:
                     continue
-                marks = [pytest.mark.xfail(reason=PENDING, strict=False)] if fmt.pending else []
-                out.append(pytest.param(version, mode, fmt, id=f"{version}-{mode}-{fmt.name}",
-                                        marks=marks))
+                out.append(pytest.param(version, mode, fmt, id=f"{version}-{mode}-{fmt.name}"))
     return out
 
 
