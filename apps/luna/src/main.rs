@@ -3,6 +3,9 @@
 use anyhow::Context as _;
 use clap::Parser;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Luna Saver: fast, safe image saving for render farms and ComfyUI.
 #[derive(Debug, Parser)]
 #[command(name = "luna", version)]

@@ -182,7 +182,7 @@ impl Broker {
     /// [`QueueError`] when the broker does not confirm in time.
     pub async fn publish_task(&self, task: &SaveTask, headers: &Headers) -> Result<(), QueueError> {
         let body = to_msgpack(task)?;
-        self.publish_task_bytes(&body, &TaskLabel::of(task), headers)
+        self.publish_task_bytes(body, &TaskLabel::of(task), headers)
             .await
     }
 
@@ -192,10 +192,12 @@ impl Broker {
     /// [`QueueError`] when the broker does not confirm in time.
     pub async fn publish_task_bytes(
         &self,
-        body: &[u8],
+        body: impl Into<Vec<u8>>,
         label: &TaskLabel,
         headers: &Headers,
     ) -> Result<(), QueueError> {
+        // Owned, so the in-process queue keeps the bytes without copying them.
+        let body: Vec<u8> = body.into();
         let id = label.message_id();
         let span = publish_span(
             self.system(),
@@ -211,7 +213,7 @@ impl Broker {
         propagation::inject(&span, &mut headers);
         let result = match self {
             Self::Amqp(b) => {
-                b.publish_task_bytes(body, &id, &headers)
+                b.publish_task_bytes(&body, &id, &headers)
                     .instrument(span.clone())
                     .await
             }

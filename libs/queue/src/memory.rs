@@ -139,10 +139,11 @@ impl MemoryBroker {
     /// [`QueueError::Full`] when the task does not fit the bounds; nothing is queued then.
     pub fn publish_task_bytes(
         &self,
-        body: &[u8],
+        body: impl Into<Vec<u8>>,
         message_id: &str,
         headers: &Headers,
     ) -> Result<(), QueueError> {
+        let body = body.into();
         let size = body.len() as u64;
         {
             let mut queues = self.queues();
@@ -156,12 +157,12 @@ impl MemoryBroker {
                     bytes: queues.held_bytes,
                 });
             }
-            // Counted before the copy is made, so concurrent publishers cannot overshoot.
+            // Counted before the message is queued, so concurrent publishers cannot overshoot.
             queues.held_tasks += 1;
             queues.held_bytes += size;
         }
         let message = Message {
-            body: Arc::new(body.to_vec()),
+            body: Arc::new(body),
             message_id: message_id.to_owned(),
             headers: headers.clone(),
             deliveries: 0,

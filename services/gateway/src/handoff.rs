@@ -340,13 +340,17 @@ fn read_converted(
             let n = CHUNK_SAMPLES.min(count - done);
             let buf = &mut chunk[..n * in_size];
             read(buf, at(first + done))?;
-            let converted =
-                luna_imaging::samples::convert(buf, from, to).map_err(|e| HandoffError::Io {
-                    action: "convert samples of",
-                    path: PathBuf::new(),
-                    source: io::Error::new(io::ErrorKind::InvalidData, e),
-                })?;
-            part[done * out_size..(done + n) * out_size].copy_from_slice(&converted);
+            luna_imaging::samples::convert_into(
+                buf,
+                from,
+                to,
+                &mut part[done * out_size..(done + n) * out_size],
+            )
+            .map_err(|e| HandoffError::Io {
+                action: "convert samples of",
+                path: PathBuf::new(),
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            })?;
             done += n;
         }
         Ok(())

@@ -131,7 +131,7 @@ async fn accept(
     let deadline = state.config.broker.broker_timeout;
     let sent = AtomicUsize::new(0);
     let published =
-        tokio::time::timeout(deadline, publish_job(state, &job_id, &bodies, trace, &sent))
+        tokio::time::timeout(deadline, publish_job(state, &job_id, bodies, trace, &sent))
             .await
             .unwrap_or(Err(QueueError::Timeout(deadline)));
     if let Err(e) = published {
@@ -176,7 +176,7 @@ fn count(n: usize) -> u32 {
 async fn publish_job(
     state: &AppState,
     job_id: &JobId,
-    bodies: &[(TaskLabel, Vec<u8>)],
+    bodies: Vec<(TaskLabel, Vec<u8>)>,
     trace: &Headers,
     sent: &AtomicUsize,
 ) -> Result<(), QueueError> {
@@ -191,10 +191,10 @@ async fn publish_job(
     state
         .metrics
         .publish_took("event", publish_started.elapsed());
-    let publishes = bodies.iter().map(|(label, body)| async move {
+    let publishes = bodies.into_iter().map(|(label, body)| async move {
         let publish_started = Instant::now();
         sent.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = state.broker.publish_task_bytes(body, label, trace).await {
+        if let Err(e) = state.broker.publish_task_bytes(body, &label, trace).await {
             // A refusal is certain: that task is not queued. A lost confirm may still be.
             if matches!(
                 e,
