@@ -115,9 +115,8 @@ fn copy(src: &[u8], out: &mut [u8]) {
 const LANES: usize = 16;
 
 /// The rule `trunc(clamp(x * max + 0.5, 0, max))`, NaN to 0, as comparisons (NaN compares
-/// false, so it lands on 0), which map to vector
-/// min/max instructions, and a truncating cast without the saturation checks a plain `as`
-/// adds: the value is already in `0..=max`.
+/// false, so it lands on 0), which map to vector min/max instructions, and a truncating cast
+/// without the saturation checks a plain `as` adds: the value is already in `0..=max`.
 #[inline(always)]
 fn quantize_to_i32(x: f32, max: f32) -> i32 {
     let y = x * max + 0.5;
