@@ -523,6 +523,36 @@ def test_503_and_429_are_retried_with_one_idempotency_key(fake_gateway):
     assert len(fake_gateway.requests) == 1
 
 
+def test_previews_are_written_while_the_gateway_works_once_across_retries(
+        fake_gateway, comfy_temp, monkeypatch):
+    """The node sends the request, writes the previews, then reads the answer: the fake
+    gateway holds its first answer (a 503) until the previews exist, which only happens if the
+    node writes them while it waits; they are written once for all attempts."""
+    node = load_node()
+    seen = []
+    real = FakeGateway.do_POST
+
+    def do_post(self):
+        deadline = time.monotonic() + 10
+        while len(list(comfy_temp.glob("*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(sorted(p.name for p in comfy_temp.glob("*")))
+        real(self)
+
+    monkeypatch.setattr(FakeGateway, "do_POST", do_post)
+    calls = []
+    real_write = node.write_previews
+    monkeypatch.setattr(node, "write_previews",
+                        lambda *a, **k: calls.append(1) or real_write(*a, **k))
+    fake_gateway.answers = [(503, {"error": "the message broker is unavailable"})]
+    img = np.full((2, 8, 8, 3), 0.25, dtype=np.float32)
+    out = node.LunaDaemonImageSaver().save(image_1=img)
+    assert out["result"][0] == f"{PREFIX} Submitted 1 images to daemon. Job ID: fake-1"
+    assert len(seen) == 2 and len(seen[0]) == 2, f"no previews before the first answer: {seen}"
+    assert seen[1] == seen[0] and calls == [1], "written once, however many attempts"
+    assert sorted(e["filename"] for e in out["ui"]["images"]) == seen[0]
+
+
 def test_retries_stop_after_the_retry_window(fake_gateway, monkeypatch):
     monkeypatch.setenv("LUNA_SUBMIT_RETRY_FOR", "0.2")
     node = load_node()
