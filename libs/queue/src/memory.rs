@@ -453,20 +453,20 @@ mod tests {
         let broker = bounded(100, 10);
         let none = Headers::new();
         broker
-            .publish_task_bytes(&[0; 6], "a", &none)
+            .publish_task_bytes([0; 6], "a", &none)
             .expect("room");
         assert!(matches!(
-            broker.publish_task_bytes(&[0; 5], "b", &none),
+            broker.publish_task_bytes([0; 5], "b", &none),
             Err(QueueError::Full { tasks: 1, bytes: 6 })
         ));
         broker
-            .publish_task_bytes(&[0; 4], "b", &none)
+            .publish_task_bytes([0; 4], "b", &none)
             .expect("exactly full");
 
         let empty = bounded(100, 10);
         empty
-            .publish_task_bytes(&[0; 50], "big", &none)
+            .publish_task_bytes([0; 50], "big", &none)
             .expect("alone, a task larger than the bound is taken");
-        assert!(empty.publish_task_bytes(&[0; 1], "more", &none).is_err());
+        assert!(empty.publish_task_bytes([0; 1], "more", &none).is_err());
     }
 }
