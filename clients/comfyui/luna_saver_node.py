@@ -19,6 +19,7 @@ duck-typed (`.cpu().numpy()`, and `mul`/`add_`/`clamp_`/`byte` for the 8-bit con
 """
 
 import atexit
+import http.client
 import json
 import logging
 import mmap
@@ -27,7 +28,6 @@ import secrets
 import socket
 import threading
 import time
-import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -625,7 +625,11 @@ def _remove_segments():
 
 
 def write_handoff(directory, slot, batch):
-    """Copies a [B, H, W, C] input into its slot's segment as float32; returns the segment."""
+    """Copies a [B, H, W, C] input into its slot's segment as float32; returns the segment.
+
+    numpy's copy on this thread, not torch's multi-threaded one: torch's worker threads spin
+    for a while after the copy and take the cores the gateway then needs (measured in ComfyUI
+    at 1024x1024: 0.2 ms saved on the copy, 1.5 ms lost waiting for the gateway)."""
     segment = segment_for(directory, slot)
     view = segment.view(batch.shape)
     try:

@@ -3,8 +3,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod alloc;
 
 /// Luna Saver: fast, safe image saving for render farms and ComfyUI.
 #[derive(Debug, Parser)]
@@ -23,6 +22,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
+    alloc::configure();
     // A suspect task saved in a child process of its own (see luna_saver::settle).
     if let Some(code) = luna_saver::isolate::isolated_entry() {
         return Ok(code);

@@ -452,9 +452,7 @@ mod tests {
     fn bytes_are_bounded_too_but_one_large_task_always_fits_an_empty_queue() {
         let broker = bounded(100, 10);
         let none = Headers::new();
-        broker
-            .publish_task_bytes([0; 6], "a", &none)
-            .expect("room");
+        broker.publish_task_bytes([0; 6], "a", &none).expect("room");
         assert!(matches!(
             broker.publish_task_bytes([0; 5], "b", &none),
             Err(QueueError::Full { tasks: 1, bytes: 6 })
