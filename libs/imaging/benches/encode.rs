@@ -4,19 +4,30 @@
 //! root, or the comma-separated paths in `LUNA_BENCH_IMAGES`; without either, the test photo
 //! `tests/data/astronaut_256.png` upscaled to 1024x1024 (smooth, so not representative).
 //!
-//! Every case encodes single-threaded on this thread with the same metadata ComfyUI's SaveImage
-//! embeds: a `prompt` of about 2.5 KB and a `workflow` of about 20 KB. Each case runs twice to
-//! warm up, then until 1.5 s have passed and at least 3 runs; the median is reported.
-//! `bench/pillow_png.py` builds the same metadata byte for byte to compare with Pillow.
+//! Cases: PNG at `png_compression` 1, 4 and 9; WebP lossy (quality 90) and lossless; JPEG
+//! (quality 90); OpenEXR (ZIP) at float and at half precision; AVIF (quality 90). EXR is fed
+//! `f32` samples, the 8-bit picture converted once with `samples::convert` before timing, so
+//! the time is the encoder's, not the conversion's. 16-bit PNG has its own bench, `png16`.
+//!
+//! Every case embeds the metadata ComfyUI's SaveImage embeds: a `prompt` of about 2.5 KB and a
+//! `workflow` of about 20 KB (PNG text chunks, EXIF for WebP, JPEG and AVIF, string attributes
+//! for EXR). PNG, WebP and JPEG encode single-threaded on this thread; EXR compresses its blocks
+//! on all cores (frames of 2^20 samples and more: both corpus pictures) and AVIF runs rav1e on
+//! the shared rayon pool, as they do in the saver. Each case runs twice to warm up, then until
+//! 1.5 s have passed and at least 3 runs; the median is reported. `bench/pillow_png.py` builds
+//! the same metadata byte for byte to compare with Pillow, and `bench/pillow_exr_avif.py` to
+//! compare with OpenEXR's and Pillow's EXR and AVIF writers.
 
 use std::error::Error;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use luna_imaging::exr::Precision;
 use luna_imaging::metadata::{Entry, EntryValue};
+use luna_imaging::samples;
 use luna_imaging::{EncodeOptions, ImageView, Metadata, encode};
-use luna_job::ImageFormat;
+use luna_job::{ImageFormat, SampleType};
 use serde_json::{Value, json};
 
 const CORPUS: [&str; 2] = ["bythewater_1024x1024.png", "canopee_3840x2160.png"];
@@ -30,28 +41,51 @@ const BUDGET: Duration = Duration::from_millis(1500);
 struct Case {
     name: &'static str,
     options: EncodeOptions,
+    /// The samples handed to `encode`: the format's own, so no conversion is timed.
+    sample: SampleType,
 }
 
 fn cases() -> Vec<Case> {
-    let png = |name, level| Case {
-        name,
-        options: EncodeOptions {
-            format: ImageFormat::Png,
-            png_compression: level,
-            lossy_quality: 90,
-            lossless_webp: false,
-            exr_precision: luna_imaging::exr::Precision::Float,
-        },
+    let base = EncodeOptions {
+        format: ImageFormat::Png,
+        png_compression: 4,
+        lossy_quality: 90,
+        lossless_webp: false,
+        exr_precision: Precision::Float,
     };
-    let other = |name, format, lossless_webp| Case {
+    let case = |name, options: EncodeOptions| Case {
         name,
-        options: EncodeOptions {
-            format,
-            png_compression: 4,
-            lossy_quality: 90,
-            lossless_webp,
-            exr_precision: luna_imaging::exr::Precision::Float,
-        },
+        options,
+        sample: options.format.sample_type(),
+    };
+    let png = |name, level| {
+        case(
+            name,
+            EncodeOptions {
+                png_compression: level,
+                ..base
+            },
+        )
+    };
+    let other = |name, format, lossless_webp| {
+        case(
+            name,
+            EncodeOptions {
+                format,
+                lossless_webp,
+                ..base
+            },
+        )
+    };
+    let exr = |name, exr_precision| {
+        case(
+            name,
+            EncodeOptions {
+                format: ImageFormat::Exr,
+                exr_precision,
+                ..base
+            },
+        )
     };
     vec![
         png("png-1", 1),
@@ -60,6 +94,9 @@ fn cases() -> Vec<Case> {
         other("webp-q90", ImageFormat::Webp, false),
         other("webp-lossless", ImageFormat::Webp, true),
         other("jpeg-q90", ImageFormat::Jpeg, false),
+        exr("exr-float", Precision::Float),
+        exr("exr-half", Precision::Half),
+        other("avif-q90", ImageFormat::Avif, false),
     ]
 }
 
@@ -266,14 +303,18 @@ fn main() -> Result<(), Box<dyn Error>> {
     if as_json {
         eprintln!("{note}");
     } else {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         println!(
-            "luna-imaging encode bench: single-threaded, median of >= {MIN_RUNS} runs (~{BUDGET:?} per case)"
+            "luna-imaging encode bench: median of >= {MIN_RUNS} runs (~{BUDGET:?} per case); \
+             png/webp/jpeg single-threaded, exr/avif on {cores} cores"
         );
         println!("{note}");
         println!(
             "metadata: prompt + workflow text, {meta_bytes} bytes (crc32 {meta_crc:08x}) in every file"
         );
-        println!("MB/s = raw RGB input (w*h*3 bytes, 1 MB = 10^6 bytes) / median time");
+        println!(
+            "MB/s = raw 8-bit RGB input (w*h*3 bytes, 1 MB = 10^6 bytes) / median time, for every case"
+        );
         println!();
         println!(
             "{:<26} {:>9}  {:<14} {:>4} {:>10} {:>8} {:>11} {:>6}",
@@ -282,9 +323,22 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
 
     for picture in &pictures {
-        let view = ImageView::new(&picture.rgb, picture.width, picture.height, 3)?;
+        // Samples of every type a case takes, converted once, outside the timed loop.
+        let mut converted: Vec<(SampleType, Vec<u8>)> = Vec::new();
+        for case in cases() {
+            if case.sample != SampleType::U8 && converted.iter().all(|(s, _)| *s != case.sample) {
+                let samples = samples::convert(&picture.rgb, SampleType::U8, case.sample)?;
+                converted.push((case.sample, samples));
+            }
+        }
         let raw = picture.rgb.len() as f64;
         for case in cases() {
+            let pixels = converted
+                .iter()
+                .find(|(s, _)| *s == case.sample)
+                .map_or(&picture.rgb[..], |(_, p)| &p[..]);
+            let view =
+                ImageView::with_sample(pixels, picture.width, picture.height, 3, case.sample)?;
             let mut error = None;
             let (mut times, bytes) = measure(&mut || match encode(&view, &case.options, &meta) {
                 Ok(encoded) => encoded.bytes.len() + encoded.sidecar.map_or(0, |s| s.len()),
