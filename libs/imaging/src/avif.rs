@@ -14,8 +14,13 @@
 //! opaque, which loses nothing), with the colour under transparent pixels kept as given.
 //!
 //! # Settings, from measurements
-//! On the corpus photographs (`cargo bench -p luna-imaging --bench exr_avif` with
-//! `bench/pillow_avif_exr.py`, 2-core AMD EPYC VM) FIXME
+//! On the corpus pictures (`cargo bench -p luna-imaging --bench encode` beside
+//! `bench/pillow_exr_avif.py`, 2-core VM, figures in `bench/README.md`), quality 90, 4:4:4,
+//! without the `avif-asm` feature: 777 ms for 1024x1024 and 4.7 s for 3840x2160, against
+//! Pillow's libavif (aom) at its default speed 6 at 412 ms and 3.2 s. Our files are smaller at
+//! about the same fidelity (the 4K render: 305 KB at 45.4 dB against Pillow's 695 KB at
+//! 45.6 dB), and `avif-asm` (rav1e's assembly, needs nasm) makes rav1e 3-4x faster. AVIF is the
+//! slowest format we write: for a render loop, PNG or WebP keep up; AVIF suits final frames.
 
 use ravif::{AlphaColorMode, BitDepth, Encoder, Img, RGB8, RGBA8};
 

@@ -11,8 +11,10 @@
 //! The format is small (a header, an offset table, independent blocks of 16 scanlines, each
 //! byte-split, delta-coded and zlib-compressed) and libdeflate, already used for PNG, is a fast
 //! zlib compressor. Blocks are independent, so large frames are compressed across the
-//! machine's cores with scoped threads. Against the `exr` crate: figures from
-//! `cargo bench -p luna-imaging --bench exr_avif` come with that bench.
+//! machine's cores with scoped threads. Against OpenEXR's own writer (its Python bindings, ZIP,
+//! two threads; `cargo bench -p luna-imaging --bench encode` beside `bench/pillow_exr_avif.py`,
+//! 2-core VM, figures in `bench/README.md`): 74.5 ms against 136.5 ms for a 1024x1024 float
+//! frame, 469 against 762 ms at 3840x2160, half 1.6x faster too, files 29 bytes smaller.
 //!
 //! New dependency: `half` (its `zerocopy` was already in the workspace's tree). The `exr`
 //! crate stays a dev-dependency, as the tests' independent reader.
