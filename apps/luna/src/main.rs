@@ -22,7 +22,6 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
-    alloc::configure();
     // A suspect task saved in a child process of its own (see luna_saver::settle).
     if let Some(code) = luna_saver::isolate::isolated_entry() {
         return Ok(code);
