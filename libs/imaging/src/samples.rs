@@ -110,10 +110,6 @@ fn copy(src: &[u8], out: &mut [u8]) {
     out.copy_from_slice(src);
 }
 
-/// Samples per step of the float kernels: whole lanes of the widest vectors, so the compiler
-/// turns each step into a few SIMD instructions.
-const LANES: usize = 16;
-
 /// The rule `trunc(clamp(x * max + 0.5, 0, max))`, NaN to 0, as comparisons (NaN compares
 /// false, so it lands on 0), which map to vector min/max instructions, and a truncating cast
 /// without the saturation checks a plain `as` adds: the value is already in `0..=max`.
@@ -151,33 +147,14 @@ with_avx2!(f32_to_u16, f32_to_u16_any);
 
 #[inline(always)]
 fn f32_to_u8_any(src: &[u8], out: &mut [u8]) {
-    let mut inp = src.chunks_exact(4 * LANES);
-    let mut outp = out.chunks_exact_mut(LANES);
-    for (s, o) in (&mut inp).zip(&mut outp) {
-        for (o, b) in o.iter_mut().zip(s.chunks_exact(4)) {
-            *o = quantize_to_i32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]), 255.0) as u8;
-        }
-    }
-    for (s, o) in inp.remainder().chunks_exact(4).zip(outp.into_remainder()) {
+    for (s, o) in src.chunks_exact(4).zip(out.iter_mut()) {
         *o = quantize_to_i32(f32::from_le_bytes([s[0], s[1], s[2], s[3]]), 255.0) as u8;
     }
 }
 
 #[inline(always)]
 fn f32_to_u16_any(src: &[u8], out: &mut [u8]) {
-    let mut inp = src.chunks_exact(4 * LANES);
-    let mut outp = out.chunks_exact_mut(2 * LANES);
-    for (s, o) in (&mut inp).zip(&mut outp) {
-        for (o, b) in o.chunks_exact_mut(2).zip(s.chunks_exact(4)) {
-            let v = quantize_to_i32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]), 65_535.0);
-            o.copy_from_slice(&(v as u16).to_le_bytes());
-        }
-    }
-    for (s, o) in inp
-        .remainder()
-        .chunks_exact(4)
-        .zip(outp.into_remainder().chunks_exact_mut(2))
-    {
+    for (s, o) in src.chunks_exact(4).zip(out.chunks_exact_mut(2)) {
         let v = quantize_to_i32(f32::from_le_bytes([s[0], s[1], s[2], s[3]]), 65_535.0);
         o.copy_from_slice(&(v as u16).to_le_bytes());
     }
@@ -242,8 +219,8 @@ mod tests {
         assert_eq!(out, [0, 255, 128, 0, 255, 0, 255, 0, 1]);
     }
 
-    /// The lane-wise kernels (AVX2 where the CPU has it) against the plain formula, on every
-    /// float that lands near a rounding edge, the specials, and lengths off the lane size.
+    /// The vectorised kernels (AVX2 where the CPU has it) against the plain formula, on every
+    /// float that lands near a rounding edge, the specials, and lengths off the vector width.
     #[test]
     fn vector_kernels_match_the_plain_formula() {
         let mut xs = vec![
@@ -262,7 +239,8 @@ mod tests {
                 k as f32 / 255.0 - 0.5 / 255.0,
             ]);
         }
-        for len in [xs.len(), xs.len() - 7, LANES - 1, 1] {
+        // Lengths off any vector width, and shorter than one vector.
+        for len in [xs.len(), xs.len() - 7, 15, 1] {
             let src = floats(&xs[..len]);
             let u8s = convert(&src, SampleType::F32, SampleType::U8).expect("whole");
             let u16s = convert(&src, SampleType::F32, SampleType::U16).expect("whole");
