@@ -74,6 +74,10 @@ pub struct UpArgs {
     #[command(flatten)]
     pub handoff: luna_gateway::HandoffArgs,
 
+    /// Priority of the saves, as the saver's flag.
+    #[command(flatten)]
+    pub priority: luna_saver::PriorityArgs,
+
     /// Shared directory for frames over the inline limit (only matters with --amqp-url).
     #[arg(long, env = "LUNA_BLOB_DIR")]
     pub blob_dir: Option<PathBuf>,
@@ -192,6 +196,7 @@ pub async fn up(
     let mut saver_cfg = luna_saver::Config::defaults();
     saver_cfg.output_root.clone_from(&args.output_root);
     saver_cfg.blob_dir.clone_from(&args.blob_dir);
+    saver_cfg.priority.clone_from(&args.priority);
     saver_cfg.min_workers = args.min_workers;
     saver_cfg.max_workers = args.max_workers;
     saver_cfg.idle_timeout = args.idle_timeout;

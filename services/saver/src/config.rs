@@ -74,6 +74,10 @@ pub struct Config {
     #[arg(long, env = "LUNA_BLOB_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub blob_ttl: Duration,
 
+    /// Priority of the saves against the rest of the process.
+    #[command(flatten)]
+    pub priority: PriorityArgs,
+
     /// Bearer token required on `/metrics`; none means `/metrics` is open.
     #[arg(long, env = "LUNA_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
@@ -81,6 +85,17 @@ pub struct Config {
     /// Log line format.
     #[arg(long, env = "LUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+}
+
+/// `--save-nice`, shared with `luna up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PriorityArgs {
+    /// Saves (gate, encode, write) run this many nice levels below the rest of the process
+    /// (at most 19), so that answers, event confirms and, beside `luna up`, the program that
+    /// handed the pixels over get the cores first when every core is busy; 0 runs everything
+    /// at one priority.
+    #[arg(long, env = "LUNA_SAVE_NICE", default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub save_nice: u8,
 }
 
 impl Config {

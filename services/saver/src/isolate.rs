@@ -188,15 +188,23 @@ fn run_child(args: Vec<OsString>) -> anyhow::Result<()> {
     use std::io::{Read as _, Write as _};
     let mut root = None;
     let mut blob_dir = None;
+    let mut nice = 0;
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
         let value = args.next().map(PathBuf::from);
         match flag.to_str() {
             Some("--output-root") => root = value,
             Some("--blob-dir") => blob_dir = value,
+            Some("--save-nice") => {
+                let value = value.as_deref().and_then(|v| v.to_str());
+                nice = value
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| anyhow::anyhow!("--save-nice takes 0..=19, not {value:?}"))?;
+            }
             _ => anyhow::bail!("unknown argument {flag:?}"),
         }
     }
+    crate::priority::lower_this_thread(nice);
     let root = root.ok_or_else(|| anyhow::anyhow!("--output-root is required"))?;
     let mut body = Vec::new();
     std::io::stdin().read_to_end(&mut body)?;
@@ -224,7 +232,9 @@ pub async fn save_isolated(ctx: &Context, body: &[u8]) -> Result<Report, String>
     command
         .arg(ISOLATED_ARG)
         .arg("--output-root")
-        .arg(&ctx.config.output_root);
+        .arg(&ctx.config.output_root)
+        .arg("--save-nice")
+        .arg(ctx.config.priority.save_nice.to_string());
     if let Some(dir) = &ctx.config.blob_dir {
         command.arg("--blob-dir").arg(dir);
     }

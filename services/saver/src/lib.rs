@@ -1,6 +1,6 @@
 //! The Luna Saver worker.
 //!
-//! Consumes tasks, runs gate, encode and write on blocking threads, publishes the outcome
+//! Consumes tasks, runs gate, encode and write on threads of lowered priority ([`priority`]), publishes the outcome
 //! event and waits for its confirm, and only then acknowledges the task. Concurrency is a pool
 //! of save slots, each one consumer with prefetch 1, between `--min-workers` and
 //! `--max-workers`: a slot is added while tasks wait and every slot is busy, and an extra slot
@@ -17,6 +17,7 @@ pub mod http;
 pub mod isolate;
 pub mod metrics;
 pub mod pool;
+pub mod priority;
 pub mod settle;
 pub mod worker;
 
@@ -29,7 +30,7 @@ use luna_telemetry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::Config;
+pub use config::{Config, PriorityArgs};
 
 /// Everything a save slot needs.
 #[derive(Debug, Clone)]

@@ -273,7 +273,7 @@ async fn republish(
     }
 }
 
-/// Saves in this process, on a blocking thread. `Err` when the save panicked.
+/// Saves in this process, on a thread of lowered priority. `Err` when the save panicked.
 async fn save_here(
     ctx: &Context,
     task: &Arc<SaveTask>,
@@ -281,7 +281,7 @@ async fn save_here(
 ) -> Result<(Result<Outcome, luna_store::SaveError>, Timings), String> {
     let (task, store, blobs) = (task.clone(), ctx.store.clone(), ctx.blobs.clone());
     let span = span.clone();
-    tokio::task::spawn_blocking(move || {
+    crate::priority::run_lowered(ctx.config.priority.save_nice, move || {
         span.in_scope(|| {
             let mut timings = Timings::default();
             let result = save_task_timed(&task, store.as_ref(), blobs.as_ref(), &mut timings);
@@ -289,7 +289,6 @@ async fn save_here(
         })
     })
     .await
-    .map_err(|join| format!("the save panicked: {join}"))
 }
 
 /// Carries out a settle decision that ends this delivery.
