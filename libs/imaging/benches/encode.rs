@@ -4,16 +4,18 @@
 //! root, or the comma-separated paths in `LUNA_BENCH_IMAGES`; without either, the test photo
 //! `tests/data/astronaut_256.png` upscaled to 1024x1024 (smooth, so not representative).
 //!
-//! Cases: PNG at `png_compression` 1, 4 and 9; WebP lossy (quality 90) and lossless; JPEG
+//! Cases (only those named in `LUNA_BENCH_CASES=jpeg-q90,png-4` when it is set): PNG at
+//! `png_compression` 1, 4 and 9; WebP lossy (quality 90) and lossless; JPEG
 //! (quality 90); OpenEXR (ZIP) at float and at half precision; AVIF (quality 90). EXR is fed
 //! `f32` samples, the 8-bit picture converted once with `samples::convert` before timing, so
 //! the time is the encoder's, not the conversion's. 16-bit PNG has its own bench, `png16`.
 //!
 //! Every case embeds the metadata ComfyUI's SaveImage embeds: a `prompt` of about 2.5 KB and a
 //! `workflow` of about 20 KB (PNG text chunks, EXIF for WebP, JPEG and AVIF, string attributes
-//! for EXR). PNG, WebP and JPEG encode single-threaded on this thread; EXR compresses its blocks
-//! on all cores (frames of 2^20 samples and more: both corpus pictures) and AVIF runs rav1e on
-//! the shared rayon pool, as they do in the saver. Each case runs twice to warm up, then until
+//! for EXR). PNG and WebP encode single-threaded on this thread; JPEG encodes strips on all
+//! cores (frames of 512x512 and more), EXR compresses its blocks on all cores (frames of 2^20
+//! samples and more: both corpus pictures) and AVIF runs rav1e on the shared rayon pool, as
+//! they do in the saver. Each case runs twice to warm up, then until
 //! 1.5 s have passed and at least 3 runs; the median is reported. `bench/pillow_png.py` builds
 //! the same metadata byte for byte to compare with Pillow, and `bench/pillow_exr_avif.py` to
 //! compare with OpenEXR's and Pillow's EXR and AVIF writers.
@@ -87,7 +89,7 @@ fn cases() -> Vec<Case> {
             },
         )
     };
-    vec![
+    let all = vec![
         png("png-1", 1),
         png("png-4", 4),
         png("png-9", 9),
@@ -97,7 +99,15 @@ fn cases() -> Vec<Case> {
         exr("exr-float", Precision::Float),
         exr("exr-half", Precision::Half),
         other("avif-q90", ImageFormat::Avif, false),
-    ]
+    ];
+    // `LUNA_BENCH_CASES=jpeg-q90,png-4`: only these.
+    match std::env::var("LUNA_BENCH_CASES") {
+        Ok(only) if !only.trim().is_empty() => all
+            .into_iter()
+            .filter(|c| only.split(',').any(|o| o.trim() == c.name))
+            .collect(),
+        _ => all,
+    }
 }
 
 /// 8-bit RGB pixels to encode.
@@ -306,7 +316,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         println!(
             "luna-imaging encode bench: median of >= {MIN_RUNS} runs (~{BUDGET:?} per case); \
-             png/webp/jpeg single-threaded, exr/avif on {cores} cores"
+             png/webp single-threaded, jpeg/exr/avif on {cores} cores"
         );
         println!("{note}");
         println!(

@@ -181,6 +181,8 @@ pub enum EncodeError {
     Webp(i32),
     #[error("JPEG encoder failed")]
     Jpeg(#[source] jpeg_encoder::EncodingError),
+    #[error("JPEG strips encoded apart could not be joined")]
+    JpegStrips,
     #[error("samples could not be converted")]
     Samples(#[from] samples::SampleLenError),
     #[error("metadata could not be serialised")]
