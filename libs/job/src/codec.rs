@@ -34,6 +34,21 @@ pub fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeErr
     Ok(rmp_serde::to_vec_named(value)?)
 }
 
+/// [`to_msgpack`] into a buffer of `capacity` bytes: sized for a message that carries a
+/// frame, it is written without the buffer doubling (and copying) its way up to the frame's
+/// size.
+///
+/// # Errors
+/// [`EncodeError`] if the value cannot be represented.
+pub fn to_msgpack_with_capacity<T: Serialize + ?Sized>(
+    value: &T,
+    capacity: usize,
+) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::with_capacity(capacity);
+    rmp_serde::encode::write_named(&mut out, value)?;
+    Ok(out)
+}
+
 /// Decodes MessagePack into `T`.
 ///
 /// # Errors

@@ -24,7 +24,7 @@ use rustix::io::Errno;
 
 /// Samples each reading thread converts per step: the chunk stays in cache between the read
 /// and the conversion, and is below the size at which the conversion itself would spawn.
-const CHUNK_SAMPLES: usize = 256 << 10;
+const CHUNK_SAMPLES: usize = 64 << 10;
 
 /// Frames below this many samples are read on one thread: spawning costs more.
 const PARALLEL_FROM: usize = 1 << 20;

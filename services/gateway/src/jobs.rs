@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use futures_util::future::try_join_all;
-use luna_job::codec::{from_json, from_msgpack, to_msgpack};
+use luna_job::codec::{from_json, from_msgpack, to_msgpack, to_msgpack_with_capacity};
 use luna_job::{Event, EventKind, JobId, Limits, Problem, SaveRequest, SaveTask, ValidationError};
 use luna_queue::{Headers, QueueError, TaskLabel};
 use luna_store::Placement;
@@ -404,6 +404,9 @@ fn check_placements(tasks: &[SaveTask]) -> Result<(), ApiError> {
     ValidationError::check(problems).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
+/// Bytes reserved beyond the pixels when a task is encoded.
+const TASK_HEADROOM: usize = 64 << 10;
+
 /// Encodes each task, moving pixels of oversized ones to the blob store.
 async fn encode_tasks(
     state: &AppState,
@@ -413,7 +416,9 @@ async fn encode_tasks(
     let mut out = Vec::with_capacity(tasks.len());
     for mut task in tasks {
         let label = TaskLabel::of(&task);
-        let mut body = to_msgpack(&task).map_err(|e| internal(&e))?;
+        // The pixels and room for the rest (options, metadata, a ComfyUI workflow).
+        let capacity = task.image.pixels.len() + TASK_HEADROOM;
+        let mut body = to_msgpack_with_capacity(&task, capacity).map_err(|e| internal(&e))?;
         if body.len() as u64 > limit {
             let Some(blobs) = state.blobs.clone() else {
                 return Err(ApiError::too_large(format!(
