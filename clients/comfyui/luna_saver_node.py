@@ -26,6 +26,7 @@ import mmap
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 import urllib.error
@@ -543,12 +544,24 @@ def forget_handoff(base_url):
     _handoff_dirs.pop(base_url, None)
 
 
+try:
+    import fcntl  # POSIX; the hand-off directory is only ever used where it exists
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+# A segment younger than this is never swept: its process may not have locked it yet.
+STALE_SEGMENT_MIN_AGE_S = 60.0
+
+
 class Segment:
     """One file in the hand-off directory, opened once, mapped, grown when needed, reused.
 
     Its pages stay mapped (and so already faulted in) between runs, so writing a frame is one
     copy at memory speed. Removed at interpreter exit, or when a request that used it got no
-    answer (the gateway may still be reading it, so it is never written again).
+    answer (the gateway may still be reading it, so it is never written again). The process
+    holds a shared `flock` on it for as long as it lives, which the kernel drops however the
+    process ends, so `sweep_stale_segments` can tell a segment left by a killed ComfyUI from
+    one in use.
     """
 
     def __init__(self, directory, slot):
@@ -558,6 +571,11 @@ class Segment:
         for extra in ("O_NOFOLLOW", "O_CLOEXEC", "O_BINARY"):
             flags |= getattr(os, extra, 0)
         self.fd = os.open(self.path, flags, 0o600)
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                pass  # a file system without locks: only never swept
         self.size = 0
         self.map = None
 
@@ -601,14 +619,64 @@ class Segment:
 
 # (directory, input slot) -> Segment
 _segments = {}
+# Directories swept of other processes' stale segments by this process.
+_swept = set()
 
 
 def segment_for(directory, slot):
     segment = _segments.get((directory, slot))
     if segment is None:
+        if directory not in _swept:
+            _swept.add(directory)
+            sweep_stale_segments(directory)
         segment = Segment(directory, slot)
         _segments[(directory, slot)] = segment
     return segment
+
+
+def sweep_stale_segments(directory, min_age_s=STALE_SEGMENT_MIN_AGE_S, now=time.time):
+    """Removes the segments in `directory` that no live process holds; returns their names.
+
+    A ComfyUI stopped by SIGTERM (what service managers and `docker stop` send; ComfyUI does not
+    handle it, so exit handlers never run) or SIGKILL leaves its segments behind, up to a
+    100 MB 4K frame each. Every live node holds a lock on its own (see `Segment`); a segment
+    that can be locked exclusively, and is older than `min_age_s` (so not one being created
+    right now), belongs to nobody. Nothing but the node's own regular files is touched."""
+    if fcntl is None:
+        return []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | \
+        getattr(os, "O_CLOEXEC", 0)
+    removed = []
+    for name in names:
+        if not (name.startswith("luna-") and name.endswith(".f32")):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or now() - info.st_ctime < min_age_s:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held: its process is alive
+            os.unlink(path)
+            removed.append(name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("%s removed %d hand-off segments left by stopped processes: %s", PREFIX,
+                 len(removed), ", ".join(removed))
+    return removed
 
 
 def drop_segments(keys):

@@ -729,6 +729,46 @@ def test_a_request_without_an_answer_never_reuses_its_segment(tmp_path, monkeypa
     assert node._segments == {} and not any(directory.iterdir())
 
 
+def test_segments_of_killed_processes_are_swept_and_live_ones_kept(tmp_path):
+    """A ComfyUI stopped by SIGKILL (or SIGTERM, which it does not handle) leaves its segments;
+    the next node to use the directory removes them, and never one a live process holds."""
+    node = load_node()
+    directory = tmp_path / "handoff"
+    directory.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import importlib.util, sys, time\n"
+         f"spec = importlib.util.spec_from_file_location('n', {str(NODE_FILE)!r})\n"
+         "n = importlib.util.module_from_spec(spec); spec.loader.exec_module(n)\n"
+         f"s = n.Segment({str(directory)!r}, 1); s.view((64, 64, 3))\n"
+         "print(s.name, flush=True); time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        held = holder.stdout.readline().strip()
+        assert held and (directory / held).is_file(), held
+        (directory / "luna-1-1-0123456789ab.f32").write_bytes(b"\0" * 4096)  # nobody's
+        (directory / "notes.txt").write_text("not a segment")
+        (directory / "luna-2-1-0123456789ab.f32").symlink_to(tmp_path / "elsewhere")
+        (tmp_path / "elsewhere").write_bytes(b"kept")
+        mine = node.Segment(str(directory), 3)
+        young = node.sweep_stale_segments(str(directory))  # the default minimum age
+        assert young == [], young
+        removed = node.sweep_stale_segments(str(directory), min_age_s=0)
+        assert removed == ["luna-1-1-0123456789ab.f32"], removed
+        assert (directory / held).is_file() and (directory / mine.name).is_file()
+        holder.kill()
+        holder.wait(timeout=10)
+        removed = node.sweep_stale_segments(str(directory), min_age_s=0)
+        assert removed == [held], removed
+        assert sorted(p.name for p in directory.iterdir()) == sorted(
+            ["notes.txt", "luna-2-1-0123456789ab.f32", mine.name])
+        assert (tmp_path / "elsewhere").read_bytes() == b"kept"
+        mine.close()
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+
 @pytest.fixture
 def comfy_temp(tmp_path, monkeypatch):
     """ComfyUI's `folder_paths` as far as the node uses it: the temp folder `/view` serves."""
