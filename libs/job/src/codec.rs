@@ -34,6 +34,17 @@ pub fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeErr
     Ok(rmp_serde::to_vec_named(value)?)
 }
 
+/// [`to_msgpack`] into any writer.
+///
+/// # Errors
+/// [`EncodeError`] if the value cannot be represented, or the writer fails.
+pub fn write_msgpack<W: std::io::Write, T: Serialize + ?Sized>(
+    out: &mut W,
+    value: &T,
+) -> Result<(), EncodeError> {
+    Ok(rmp_serde::encode::write_named(out, value)?)
+}
+
 /// [`to_msgpack`] into a buffer of `capacity` bytes: sized for a message that carries a
 /// frame, it is written without the buffer doubling (and copying) its way up to the frame's
 /// size.

@@ -1,5 +1,8 @@
 //! The one handle services use, whichever backend is behind it.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use luna_job::codec::{DecodeError, to_msgpack};
 use luna_job::{Event, EventKind, ImageFormat, JobId, SaveTask};
 use luna_telemetry::propagation;
@@ -25,6 +28,13 @@ impl TaskLabel {
             image_index: task.image_index,
             format: task.image.format,
         }
+    }
+
+    /// The task's attributes on a `publish` span.
+    fn record(&self, span: &tracing::Span) {
+        span.record("luna.job_id", self.job_id.as_str());
+        span.record("luna.image.index", self.image_index);
+        span.record("luna.image.format", self.format.as_str());
     }
 
     /// The AMQP `message_id`, the same on every redelivery.
@@ -176,14 +186,37 @@ impl Broker {
         }
     }
 
-    /// Publishes a task and waits for the broker to take it.
+    /// Publishes a task and waits for the broker to take it: encoded for RabbitMQ, as it is
+    /// for the in-process queue (its consumer gets this very task, pixels uncopied).
     ///
     /// # Errors
     /// [`QueueError`] when the broker does not confirm in time.
-    pub async fn publish_task(&self, task: &SaveTask, headers: &Headers) -> Result<(), QueueError> {
-        let body = to_msgpack(task)?;
-        self.publish_task_bytes(body, &TaskLabel::of(task), headers)
-            .await
+    pub async fn publish_task(&self, task: SaveTask, headers: &Headers) -> Result<(), QueueError> {
+        let label = TaskLabel::of(&task);
+        match self {
+            Self::Amqp(_) => {
+                let body = to_msgpack(&task)?;
+                drop(task);
+                self.publish_task_bytes(body, &label, headers).await
+            }
+            Self::Memory(b) => {
+                let id = label.message_id();
+                let destination = self.tasks_destination();
+                let span = publish_span(self.system(), &destination, TASK_ROUTING_KEY, &id, 0);
+                label.record(&span);
+                let mut headers = headers.clone();
+                propagation::inject(&span, &mut headers);
+                let result = span.in_scope(|| b.publish_task(task, &id, &headers));
+                finish(&span, &result);
+                result
+            }
+        }
+    }
+
+    /// Whether tasks go to a consumer in this process ([`Self::publish_task`] then never
+    /// encodes them), rather than over the network.
+    pub fn is_in_process(&self) -> bool {
+        matches!(self, Self::Memory(_))
     }
 
     /// Publishes an encoded task, in a `publish` span whose context travels in its headers.
@@ -206,9 +239,7 @@ impl Broker {
             &id,
             body.len(),
         );
-        span.record("luna.job_id", label.job_id.as_str());
-        span.record("luna.image.index", label.image_index);
-        span.record("luna.image.format", label.format.as_str());
+        label.record(&span);
         let mut headers = headers.clone();
         propagation::inject(&span, &mut headers);
         let result = match self {
@@ -342,10 +373,20 @@ pub enum Delivery {
 }
 
 impl Delivery {
-    pub fn body(&self) -> &[u8] {
+    /// The task's MessagePack bytes (encoded now for a task the in-process queue holds as it
+    /// is; see [`Self::body_len`] for the size alone).
+    pub fn body(&self) -> Cow<'_, [u8]> {
         match self {
-            Self::Amqp(d) => d.body(),
+            Self::Amqp(d) => Cow::Borrowed(d.body()),
             Self::Memory(d) => d.body(),
+        }
+    }
+
+    /// Bytes of the body, without encoding anything.
+    pub fn body_len(&self) -> usize {
+        match self {
+            Self::Amqp(d) => d.body().len(),
+            Self::Memory(d) => d.body_len(),
         }
     }
 
@@ -366,9 +407,9 @@ impl Delivery {
 
     /// # Errors
     /// [`DecodeError`] naming the field that did not decode.
-    pub fn task(&self) -> Result<SaveTask, DecodeError> {
+    pub fn task(&self) -> Result<Arc<SaveTask>, DecodeError> {
         match self {
-            Self::Amqp(d) => d.task(),
+            Self::Amqp(d) => d.task().map(Arc::new),
             Self::Memory(d) => d.task(),
         }
     }

@@ -12,7 +12,13 @@
 //! bound fails with [`QueueError::Full`] at once, so the gateway answers 429 instead of the
 //! process growing with the backlog. A returned or redelivered task is never refused: it is
 //! already counted.
+//!
+//! A task from this process's own gateway is queued as it is ([`MemoryBroker::publish_task`]):
+//! never encoded, its pixels never copied between gateway and saver. Its size for the byte
+//! bound is what its MessagePack encoding would take, counted without writing it. Encoded
+//! tasks (other producers, republished tasks) are kept as bytes and decoded on delivery.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -25,9 +31,18 @@ use crate::{Headers, PARK_REASON_HEADER, QueueError};
 /// How many events a slow subscriber may lag before it loses the oldest.
 const EVENT_BUFFER: usize = 4096;
 
+/// A queued task: as it was built, or as the bytes a producer sent.
+#[derive(Debug, Clone)]
+enum Payload {
+    Typed(Arc<SaveTask>),
+    Encoded(Arc<Vec<u8>>),
+}
+
 #[derive(Debug, Clone)]
 struct Message {
-    body: Arc<Vec<u8>>,
+    payload: Payload,
+    /// Bytes counted against the bound: the encoded size.
+    size: u64,
     message_id: String,
     headers: Headers,
     /// Deliveries so far.
@@ -145,6 +160,31 @@ impl MemoryBroker {
     ) -> Result<(), QueueError> {
         let body = body.into();
         let size = body.len() as u64;
+        self.enqueue(Payload::Encoded(Arc::new(body)), size, message_id, headers)
+    }
+
+    /// Queues a task as it is, for a consumer in this process.
+    ///
+    /// # Errors
+    /// [`QueueError::Full`] when the task does not fit the bounds; [`QueueError::Encode`] when
+    /// it could not be encoded (so could not be sent to any broker either).
+    pub fn publish_task(
+        &self,
+        task: SaveTask,
+        message_id: &str,
+        headers: &Headers,
+    ) -> Result<(), QueueError> {
+        let size = encoded_len(&task)?;
+        self.enqueue(Payload::Typed(Arc::new(task)), size, message_id, headers)
+    }
+
+    fn enqueue(
+        &self,
+        payload: Payload,
+        size: u64,
+        message_id: &str,
+        headers: &Headers,
+    ) -> Result<(), QueueError> {
         {
             let mut queues = self.queues();
             let bounds = self.inner.bounds;
@@ -162,7 +202,8 @@ impl MemoryBroker {
             queues.held_bytes += size;
         }
         let message = Message {
-            body: Arc::new(body),
+            payload,
+            size,
             message_id: message_id.to_owned(),
             headers: headers.clone(),
             deliveries: 0,
@@ -182,7 +223,7 @@ impl MemoryBroker {
     fn release(&self, message: &Message) {
         let mut queues = self.queues();
         queues.held_tasks = queues.held_tasks.saturating_sub(1);
-        queues.held_bytes = queues.held_bytes.saturating_sub(message.body.len() as u64);
+        queues.held_bytes = queues.held_bytes.saturating_sub(message.size);
     }
 
     /// Sends an event to every subscriber.
@@ -237,7 +278,10 @@ impl MemoryBroker {
 
     fn park(&self, message: Message) {
         self.release(&message);
-        let body = Arc::unwrap_or_clone(message.body);
+        let body = match message.payload {
+            Payload::Encoded(body) => Arc::unwrap_or_clone(body),
+            Payload::Typed(task) => encode_or_log(&task),
+        };
         self.queues().parked.push(ParkedMessage {
             body,
             headers: message.headers,
@@ -285,8 +329,18 @@ impl MemoryDelivery {
             .unwrap_or_else(|| unreachable!("settled delivery used"))
     }
 
-    pub fn body(&self) -> &[u8] {
-        &self.message().body
+    /// The task's MessagePack bytes: as queued, or encoded now for a task queued as it is
+    /// (for a child process or a republish, both rare).
+    pub fn body(&self) -> Cow<'_, [u8]> {
+        match &self.message().payload {
+            Payload::Encoded(body) => Cow::Borrowed(body.as_slice()),
+            Payload::Typed(task) => Cow::Owned(encode_or_log(task)),
+        }
+    }
+
+    /// Bytes of the task encoded, without encoding it.
+    pub fn body_len(&self) -> usize {
+        usize::try_from(self.message().size).unwrap_or(usize::MAX)
     }
 
     pub fn headers(&self) -> Headers {
@@ -299,8 +353,11 @@ impl MemoryDelivery {
 
     /// # Errors
     /// [`DecodeError`] naming the field that did not decode.
-    pub fn task(&self) -> Result<SaveTask, DecodeError> {
-        from_msgpack(self.body())
+    pub fn task(&self) -> Result<Arc<SaveTask>, DecodeError> {
+        match &self.message().payload {
+            Payload::Typed(task) => Ok(task.clone()),
+            Payload::Encoded(body) => from_msgpack(body).map(Arc::new),
+        }
     }
 
     /// Deliveries before this one.
@@ -369,6 +426,33 @@ impl MemoryEventStream {
     }
 }
 
+/// Bytes of `task` in MessagePack, counted by serialising it into a counter (nothing is
+/// copied, the pixels included).
+fn encoded_len(task: &SaveTask) -> Result<u64, QueueError> {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    luna_job::codec::write_msgpack(&mut count, task)?;
+    Ok(count.0)
+}
+
+/// `task` in MessagePack; empty (and logged) if it cannot be encoded, which a task that was
+/// counted at publish cannot be.
+fn encode_or_log(task: &SaveTask) -> Vec<u8> {
+    to_msgpack(task).unwrap_or_else(|e| {
+        tracing::error!(error = %e, job_id = %task.job_id, "a queued task could not be encoded");
+        Vec::new()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,11 +468,11 @@ mod tests {
             .expect("room");
         let mut stream = broker.consume_tasks();
         let first = stream.next().await.expect("some").expect("ok");
-        assert_eq!(first.body(), b"a");
+        assert_eq!(&*first.body(), b"a");
         drop(first); // unsettled: back to the front
         let again = stream.next().await.expect("some").expect("ok");
         assert_eq!(
-            (again.body(), again.delivery_count(), again.redelivered()),
+            (&*again.body(), again.delivery_count(), again.redelivered()),
             (&b"a"[..], 1, true)
         );
         again.ack();
@@ -396,6 +480,48 @@ mod tests {
         b.park("bad");
         assert_eq!(broker.task_queue_depth(), 0);
         assert_eq!(broker.parked()[0].headers[PARK_REASON_HEADER], "bad");
+    }
+
+    /// A one-image task of `pixels` bytes, from the sample request.
+    fn task(pixels: usize) -> SaveTask {
+        let json = include_str!("../../../docs/examples/request.json");
+        let mut request: luna_job::SaveRequest =
+            luna_job::codec::from_json(json.as_bytes()).expect("the sample request decodes");
+        request.images.truncate(1);
+        let job = luna_job::JobId::new();
+        let mut task = request
+            .into_tasks(&job, chrono::Local::now().fixed_offset())
+            .remove(0);
+        task.image.pixels = vec![7u8; pixels].into();
+        task
+    }
+
+    #[tokio::test]
+    async fn a_typed_task_reaches_its_consumer_uncopied_and_counted_at_its_encoded_size() {
+        let broker = bounded(10, u64::MAX);
+        let task = task(3 << 20);
+        let encoded = to_msgpack(&task).expect("encodes");
+        let pixels_at = task.image.pixels.as_slice().as_ptr();
+        broker
+            .publish_task(task, "t/0", &Headers::new())
+            .expect("room");
+        assert_eq!(broker.held(), (1, encoded.len() as u64));
+        let mut stream = broker.consume_tasks();
+        let delivery = stream.next().await.expect("some").expect("ok");
+        let got = delivery.task().expect("typed");
+        assert_eq!(
+            got.image.pixels.as_slice().as_ptr(),
+            pixels_at,
+            "the very same pixels"
+        );
+        assert_eq!(delivery.body_len(), encoded.len());
+        assert!(
+            *delivery.body() == encoded[..],
+            "encoded on demand as a producer would"
+        );
+        delivery.park("kept for inspection");
+        assert!(broker.parked()[0].body == encoded, "parked as bytes");
+        assert_eq!(broker.held(), (0, 0));
     }
 
     #[tokio::test]

@@ -176,7 +176,7 @@ fn count(n: usize) -> u32 {
 async fn publish_job(
     state: &AppState,
     job_id: &JobId,
-    bodies: Vec<(TaskLabel, Vec<u8>)>,
+    bodies: Vec<Outgoing>,
     trace: &Headers,
     sent: &AtomicUsize,
 ) -> Result<(), QueueError> {
@@ -191,10 +191,20 @@ async fn publish_job(
     state
         .metrics
         .publish_took("event", publish_started.elapsed());
-    let publishes = bodies.into_iter().map(|(label, body)| async move {
+    let publishes = bodies.into_iter().map(|task| async move {
         let publish_started = Instant::now();
         sent.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = state.broker.publish_task_bytes(body, &label, trace).await {
+        let (format, published) = match task {
+            Outgoing::Encoded(label, body) => (
+                label.format,
+                state.broker.publish_task_bytes(body, &label, trace).await,
+            ),
+            Outgoing::Typed(task) => (
+                task.image.format,
+                state.broker.publish_task(*task, trace).await,
+            ),
+        };
+        if let Err(e) = published {
             // A refusal is certain: that task is not queued. A lost confirm may still be.
             if matches!(
                 e,
@@ -207,7 +217,7 @@ async fn publish_job(
         state
             .metrics
             .publish_took("task", publish_started.elapsed());
-        state.metrics.published(label.format.as_str());
+        state.metrics.published(format.as_str());
         Ok::<_, QueueError>(())
     });
     try_join_all(publishes).await.map(drop)
@@ -404,14 +414,27 @@ fn check_placements(tasks: &[SaveTask]) -> Result<(), ApiError> {
     ValidationError::check(problems).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
+/// A task ready for the broker.
+#[derive(Debug)]
+enum Outgoing {
+    /// Encoded for RabbitMQ, its pixels moved to the blob store when over the inline limit.
+    Encoded(TaskLabel, Vec<u8>),
+    /// As built, for the in-process queue of `luna up`, which hands it to the saver as it is.
+    Typed(Box<SaveTask>),
+}
+
 /// Bytes reserved beyond the pixels when a task is encoded.
 const TASK_HEADROOM: usize = 64 << 10;
 
-/// Encodes each task, moving pixels of oversized ones to the blob store.
-async fn encode_tasks(
-    state: &AppState,
-    tasks: Vec<SaveTask>,
-) -> Result<Vec<(TaskLabel, Vec<u8>)>, ApiError> {
+/// Makes each task ready for the broker: as it is for the in-process queue; else encoded,
+/// with pixels of oversized ones moved to the blob store.
+async fn encode_tasks(state: &AppState, tasks: Vec<SaveTask>) -> Result<Vec<Outgoing>, ApiError> {
+    if state.broker.is_in_process() {
+        return Ok(tasks
+            .into_iter()
+            .map(|task| Outgoing::Typed(Box::new(task)))
+            .collect());
+    }
     let limit = state.config.max_inline_bytes;
     let mut out = Vec::with_capacity(tasks.len());
     for mut task in tasks {
@@ -443,7 +466,7 @@ async fn encode_tasks(
             task.image.blob = Some(blob);
             body = to_msgpack(&task).map_err(|e| internal(&e))?;
         }
-        out.push((label, body));
+        out.push(Outgoing::Encoded(label, body));
     }
     Ok(out)
 }

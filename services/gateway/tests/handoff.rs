@@ -66,7 +66,7 @@ async fn tasks(broker: &Broker) -> Vec<SaveTask> {
     while let Ok(Some(Ok(delivery))) =
         tokio::time::timeout(Duration::from_millis(200), stream.next()).await
     {
-        out.push(delivery.task().expect("task"));
+        out.push(luna_job::SaveTask::clone(&delivery.task().expect("task")));
         delivery.ack().await.expect("ack");
     }
     out.sort_by_key(|t| t.image_index);

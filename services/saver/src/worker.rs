@@ -44,7 +44,7 @@ pub async fn handle(ctx: &Context, delivery: Delivery) {
         messaging.destination.subscription.name = ctx.broker.task_queue(),
         messaging.rabbitmq.destination.routing_key = TASK_ROUTING_KEY,
         messaging.message.id = delivery.message_id(),
-        messaging.message.body.size = delivery.body().len(),
+        messaging.message.body.size = delivery.body_len(),
         luna.attempt = delivery.delivery_count() + 1,
         luna.worker = &*ctx.worker_id,
         luna.job_id = Empty,
@@ -80,7 +80,7 @@ async fn process(ctx: &Context, delivery: Delivery, headers: Headers, span: &Spa
                 ctx,
                 span,
                 delivery,
-                task.as_ref(),
+                task.as_deref(),
                 format,
                 attempt,
                 settle,
@@ -97,11 +97,10 @@ async fn process(ctx: &Context, delivery: Delivery, headers: Headers, span: &Spa
     }
 
     let started = Instant::now();
-    let task = Arc::new(task);
     let mut attempt = previous + 1;
     loop {
         let (outcome, crash) = if isolated {
-            match isolate::save_isolated(ctx, delivery.body()).await {
+            match isolate::save_isolated(ctx, &delivery.body()).await {
                 Ok(report) => (Some(report.into_result()), None),
                 Err(detail) => (None, Some(detail)),
             }
@@ -175,12 +174,15 @@ async fn process(ctx: &Context, delivery: Delivery, headers: Headers, span: &Spa
 /// How a delivery begins, before any saving.
 enum Start {
     /// Save it, here or in an isolated child process.
-    Run { task: SaveTask, isolated: bool },
+    Run { task: Arc<SaveTask>, isolated: bool },
     /// Queue it again with its count of unfinished attempts.
-    Republish { task: SaveTask, deliveries: u32 },
+    Republish {
+        task: Arc<SaveTask>,
+        deliveries: u32,
+    },
     /// Settle it at once (undecodable, invalid, or too many unfinished attempts).
     End {
-        task: Option<SaveTask>,
+        task: Option<Arc<SaveTask>>,
         format: &'static str,
         settle: Settle,
     },

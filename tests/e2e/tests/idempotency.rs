@@ -35,7 +35,7 @@ async fn a_retry_after_a_partial_publish_completes_the_job_without_duplicates() 
     }
     for task in &tasks[..2] {
         env.broker
-            .publish_task(task, &Default::default())
+            .publish_task(task.clone(), &Default::default())
             .await
             .expect("publish");
     }

@@ -225,7 +225,7 @@ async fn malformed_tasks_are_parked_with_a_reason_and_the_saver_keeps_serving() 
     bad.schema_version = 99;
     bad.image.channels = 2;
     env.broker
-        .publish_task(&bad, &headers)
+        .publish_task(bad.clone(), &headers)
         .await
         .expect("publish");
 

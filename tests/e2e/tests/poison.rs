@@ -86,7 +86,7 @@ async fn a_healthy_task_survives_savers_killed_under_it_again_and_again() {
     let log = env.record_events().await;
     let task = slow_task();
     env.broker
-        .publish_task(&task, &Default::default())
+        .publish_task(task.clone(), &Default::default())
         .await
         .expect("publish");
     // Twelve preemptions, each while the task is being saved: more than --max-attempts (5)
@@ -139,7 +139,7 @@ async fn a_task_that_kills_its_isolated_save_is_parked_with_the_reason() {
     let log = env.record_events().await;
     let task = slow_task();
     env.broker
-        .publish_task(&task, &Default::default())
+        .publish_task(task.clone(), &Default::default())
         .await
         .expect("publish");
     // The first saver dies with it (in process, nothing tells whose fault that was).
