@@ -1,5 +1,7 @@
-//! Pipeline figures on a real broker: gateway `POST` latency for one 1024x1024 RGB image, and
-//! end-to-end images per second (submit to `image_saved`) with one and with two savers.
+//! Pipeline figures on a real broker: gateway `POST` latency for one 1024x1024 RGB image beside
+//! RabbitMQ's own floor for it (a bare lapin client publishing a message of the same size,
+//! persistent, to a quorum queue, waiting for each confirm), and end-to-end images per second
+//! (submit to `image_saved`) with one and with two savers.
 //!
 //! `cargo bench -p luna-e2e --bench pipeline`. Uses `../shared/corpus/bythewater_1024x1024.png`
 //! when present (a photograph), else a synthetic pattern. All services run in this process
@@ -8,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use luna_e2e::{Env, Service, Stack, count, submit, test_image};
-use luna_job::{ImageFormat, ImageInput, SaveRequest};
+use luna_job::{ImageFormat, ImageInput, JobId, SaveRequest};
 
 fn photo() -> (ImageInput, &'static str) {
     let path = concat!(
@@ -34,6 +36,70 @@ fn photo() -> (ImageInput, &'static str) {
             "synthetic pattern (corpus not found)",
         ),
     }
+}
+
+/// RabbitMQ's floor for the gateway's hand-over: `n` sequential persistent publishes of
+/// `body_len` bytes to a fresh quorum queue through the default exchange, each waiting for its
+/// confirm, on a connection of its own; the queue is deleted after.
+async fn bare_lapin_floor(url: &str, body_len: usize, n: usize) -> Vec<Duration> {
+    use lapin::options::{
+        BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let queue = format!("luna-bench-floor-{}", uuid::Uuid::new_v4().simple());
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let declare = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.as_str().into(), declare, args)
+        .await
+        .expect("declare");
+    let body = vec![0x5a_u8; body_len];
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n + 5 {
+        let started = Instant::now();
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "the broker refused a publish");
+        if i >= 5 {
+            took.push(started.elapsed());
+        }
+    }
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete");
+    let _ = conn.close(200, "done".into()).await;
+    took
 }
 
 /// `luna up`: POST latency with the in-process queue, the saver working alongside.
@@ -134,6 +200,19 @@ async fn main() {
         percentile(&lat, 0.5).as_secs_f64() * 1e3,
         percentile(&lat, 0.99).as_secs_f64() * 1e3,
         lat[lat.len() - 1].as_secs_f64() * 1e3
+    );
+    let task = req
+        .clone()
+        .into_tasks(&JobId::new(), chrono::Local::now().fixed_offset())
+        .remove(0);
+    let task_len = luna_job::codec::to_msgpack(&task).expect("encode").len();
+    let mut floor = bare_lapin_floor(&env.url, task_len, 200).await;
+    floor.sort();
+    println!(
+        "RabbitMQ floor: bare lapin persistent publish + confirm, {task_len} bytes to a quorum queue, n=200: median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(&floor, 0.5).as_secs_f64() * 1e3,
+        percentile(&floor, 0.99).as_secs_f64() * 1e3,
+        floor[floor.len() - 1].as_secs_f64() * 1e3
     );
     // Drain what the latency run queued before measuring throughput.
     env.broker.delete_topology().await.expect("reset");
