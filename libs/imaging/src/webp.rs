@@ -6,9 +6,11 @@ use libwebp_sys as sys;
 
 use crate::{EncodeError, ImageView};
 
-/// libwebp's lossless effort preset (0 fastest .. 9 smallest). 3 keeps a 1024x1024 photo
-/// around a quarter second; higher presets cost seconds for a few percent (see the bench).
-pub const LOSSLESS_PRESET: i32 = 3;
+/// libwebp's lossless effort preset (0 fastest .. 9 smallest). 6 gives the files Pillow's
+/// default lossless save gives (quality 80, method 4: within 30 bytes either way on the bench
+/// pictures) 1.14-1.26x faster; 3 was 1.6-1.9x faster but 0.1-0.6% larger, 7 is smaller by
+/// 0.1-0.15% but slower than Pillow (`bench/README.md`, "JPEG and WebP").
+pub const LOSSLESS_PRESET: i32 = 6;
 
 /// libwebp's lossy `method` (0 fast .. 6 slow, better); 4 is libwebp's own default.
 pub const LOSSY_METHOD: i32 = 4;
