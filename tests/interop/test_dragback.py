@@ -102,6 +102,8 @@ def images():
         ("blocks_200x150", blocks),
         ("mixed_151x113", (rng.integers(0, 64, (113, 151, 3))
                            + np.mgrid[0:113, 0:151][1][..., None])),
+        ("noise_45x53", rng.integers(0, 256, (53, 45, 3))),
+        ("steps_90x70", np.kron(rng.integers(0, 256, (7, 9, 3)), np.ones((10, 10, 1)))),
     ]
     return [(name, np.clip(a, 0, 255).astype(np.uint8)) for name, a in out]
 
