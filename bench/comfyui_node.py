@@ -16,28 +16,21 @@ per case: median and 90th percentile in ms.
 import argparse
 import importlib.util
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import types
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import luna_daemon  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 NODE_FILE = ROOT / "clients" / "comfyui" / "luna_saver_node.py"
 SIZES = [(1024, 1024), (3840, 2160)]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_node():
@@ -45,21 +38,6 @@ def load_node():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def wait_ready(url, proc):
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"luna up exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit("luna up not ready")
 
 
 def wait_saved(output, count, timeout=60):
@@ -87,16 +65,8 @@ def main():
         tmp = Path(tmp)
         output = tmp / "output"
         temp = tmp / "comfy-temp"
-        port, status = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LUNA_")}
-        proc = subprocess.Popen(
-            [args.luna, "up", "--gateway-listen", f"127.0.0.1:{port}", "--status-listen",
-             f"127.0.0.1:{status}", "--output-root", str(output), "--handoff-dir",
-             str(tmp / "handoff")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        try:
+        with luna_daemon.running(args.luna, output, tmp / "handoff") as port:
             url = f"http://127.0.0.1:{port}"
-            wait_ready(url, proc)
             os.environ["LUNA_GATEWAY_URL"] = url
             node = load_node()
             saver = node.LunaDaemonImageSaver()
@@ -137,9 +107,6 @@ def main():
                     node.write_previews([frame[0]], str(temp))
                     times.append(time.perf_counter() - started)
                 row("preview alone", size, times)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
 
 
 if __name__ == "__main__":

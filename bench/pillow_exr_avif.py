@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import zlib
@@ -39,7 +38,8 @@ import OpenEXR
 from PIL import Image, features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pillow_png import BUDGET_S, MIN_RUNS, dumps, load_images, measure, prompt, workflow  # noqa: E402
+from pillow_png import (  # noqa: E402
+    BUDGET_S, MIN_RUNS, dumps, load_images, load_luna_json, measure, prompt, workflow)
 
 PILLOW_DEFAULT_SPEED = 6  # AvifImagePlugin's default `speed`
 
@@ -86,14 +86,10 @@ def main() -> None:
     exif[0x010F] = "workflow:" + texts["workflow"]
     exif_bytes = exif.tobytes()
 
-    luna = {}
-    if args.luna_json:
-        for line in Path(args.luna_json).read_text().splitlines():
-            if line.startswith("{"):
-                row = json.loads(line)
-                luna[(row["image"], row["case"])] = row
-                if row.get("meta_bytes") != meta_bytes or row.get("meta_crc32") != f"{meta_crc:08x}":
-                    print(f"WARNING: Luna embedded different metadata in {row['image']} {row['case']}")
+    luna = load_luna_json(args.luna_json) if args.luna_json else {}
+    for row in luna.values():
+        if row.get("meta_bytes") != meta_bytes or row.get("meta_crc32") != f"{meta_crc:08x}":
+            print(f"WARNING: Luna embedded different metadata in {row['image']} {row['case']}")
 
     print(f"Pillow {Image.__version__} (libavif {features.version('avif')}, aom encoder), "
           f"OpenEXR {OpenEXR.__version__} (num_threads {args.exr_threads}), numpy {np.__version__}, "

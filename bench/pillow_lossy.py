@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,7 +29,8 @@ from pathlib import Path
 from PIL import Image, features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pillow_png import BUDGET_S, MIN_RUNS, dumps, load_images, measure, prompt, workflow  # noqa: E402
+from pillow_png import (  # noqa: E402
+    BUDGET_S, MIN_RUNS, dumps, load_images, load_luna_json, measure, prompt, workflow)
 
 
 def writer(im: Image.Image, **options):
@@ -53,12 +53,7 @@ def main() -> None:
     exif[0x010F] = "workflow:" + dumps(workflow())
     exif_bytes = exif.tobytes()
 
-    luna = {}
-    if args.luna_json:
-        for line in Path(args.luna_json).read_text().splitlines():
-            if line.startswith("{"):
-                row = json.loads(line)
-                luna[(row["image"], row["case"])] = row
+    luna = load_luna_json(args.luna_json) if args.luna_json else {}
 
     print(f"Pillow {Image.__version__} (libjpeg-turbo {features.version('jpg')}, "
           f"libwebp {features.version('webp')}), Python {sys.version.split()[0]}; "

@@ -145,6 +145,14 @@ def measure(fn) -> tuple[float, int, int]:
     return statistics.median(times) * 1e3, len(times), size
 
 
+def load_luna_json(path) -> dict[tuple[str, str], dict]:
+    """The rows of `cargo bench -p luna-imaging --bench encode -- --json` output saved in
+    `path`, by (image, case)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()
+            if line.startswith("{")]
+    return {(row["image"], row["case"]): row for row in rows}
+
+
 def run_luna(args) -> list[dict]:
     if args.no_cargo:
         if not args.luna_json:

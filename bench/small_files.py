@@ -21,30 +21,23 @@ Prints files/s for each and the ratios. Needs Pillow, numpy and msgpack (the tes
 
 import argparse
 import http.client
-import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import msgpack
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import luna_daemon  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TILE = 256
 PER_JOB = 16
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def source_picture():
@@ -89,31 +82,9 @@ def pillow(tiles_, folder, durable):
     return len(tiles_) / (time.perf_counter() - started)
 
 
-def wait_ready(url, proc):
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"luna up exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit("luna up not ready")
-
-
 def luna(tiles_, tmp, binary):
     output = tmp / "luna-output"
-    port, status = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LUNA_")}
-    proc = subprocess.Popen(
-        [binary, "up", "--gateway-listen", f"127.0.0.1:{port}", "--status-listen",
-         f"127.0.0.1:{status}", "--output-root", str(output), "--handoff-dir", "none"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
+    with luna_daemon.running(binary, output) as port:
         prompt = json.loads(prompt_text())
         bodies = []
         for j in range(0, len(tiles_), PER_JOB):
@@ -143,9 +114,6 @@ def luna(tiles_, tmp, binary):
                 sys.exit("not every tile was saved within 300 s")
             time.sleep(0.005)
         return len(tiles_) / (time.perf_counter() - started)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def main():

@@ -43,6 +43,7 @@ import msgpack
 from PIL import Image, PngImagePlugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import luna_daemon  # noqa: E402
 import small_files  # noqa: E402
 from pillow_png import dumps, load_images, measure, prompt, workflow  # noqa: E402
 
@@ -137,14 +138,7 @@ def post_to_file(binary: str, im: Image.Image, runs: int) -> tuple[float, float]
             im.save(tmp / f"pillow_{i}.png", compress_level=4, pnginfo=png_info())
             pillow.append((time.perf_counter() - started) * 1e3)
         output = tmp / "luna"
-        port, status = small_files.free_port(), small_files.free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LUNA_")}
-        proc = subprocess.Popen(
-            [binary, "up", "--gateway-listen", f"127.0.0.1:{port}", "--status-listen",
-             f"127.0.0.1:{status}", "--output-root", str(output), "--handoff-dir", "none"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        try:
-            small_files.wait_ready(f"http://127.0.0.1:{port}", proc)
+        with luna_daemon.running(binary, output) as port:
             luna = []
             for i in range(runs + 1):
                 body = msgpack.packb({
@@ -167,9 +161,6 @@ def post_to_file(binary: str, im: Image.Image, runs: int) -> tuple[float, float]
                     time.sleep(0.001)
                 if i > 0:  # the first warms the daemon up
                     luna.append((time.perf_counter() - started) * 1e3)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
     return statistics.median(luna), statistics.median(pillow)
 
 

@@ -248,21 +248,10 @@ fn compress_blocks(samples: &[f32], layout: &Layout) -> Result<Chunks, ExrError>
         return compress_range(samples, layout, 0..layout.blocks);
     }
     let per = layout.blocks.div_ceil(threads);
-    let parts: Vec<Result<Chunks, ExrError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let range = t * per..((t + 1) * per).min(layout.blocks);
-                scope.spawn(move || compress_range(samples, layout, range))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
+    let parts = crate::on_threads((0..threads).map(|t| {
+        let range = t * per..((t + 1) * per).min(layout.blocks);
+        move || compress_range(samples, layout, range)
+    }));
     let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
     let mut all = Chunks {
         bytes: Vec::with_capacity(parts.iter().map(|p| p.bytes.len()).sum()),

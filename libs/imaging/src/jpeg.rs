@@ -159,23 +159,13 @@ fn encode_pixels(
         return encode_rows(data, height, true, None);
     }
     let row_bytes = w * settings.channels();
-    let strips: Vec<Result<Vec<u8>, EncodeError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = data
-            .chunks(plan.strip_rows * row_bytes)
-            .enumerate()
-            .map(|(i, rows)| {
-                let strip_height = u16::try_from(rows.len() / row_bytes).unwrap_or(height);
-                scope.spawn(move || encode_rows(rows, strip_height, i == 0, Some(plan.interval)))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
+    let encode_rows = &encode_rows;
+    let strips = crate::on_threads(data.chunks(plan.strip_rows * row_bytes).enumerate().map(
+        |(i, rows)| {
+            let strip_height = u16::try_from(rows.len() / row_bytes).unwrap_or(height);
+            move || encode_rows(rows, strip_height, i == 0, Some(plan.interval))
+        },
+    ));
     let strips = strips.into_iter().collect::<Result<Vec<_>, _>>()?;
     join_strips(&strips, height, plan.intervals_per_strip).ok_or(EncodeError::JpegStrips)
 }

@@ -23,6 +23,25 @@ pub mod samples;
 pub mod template;
 pub mod webp;
 
+/// Runs each job on a scoped thread of its own and returns their results in order; a panic
+/// in a job is resumed on the caller. How the encoders that split a frame use every core.
+pub(crate) fn on_threads<T: Send, I>(jobs: I) -> Vec<T>
+where
+    I: IntoIterator,
+    I::Item: FnOnce() -> T + Send,
+{
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs.into_iter().map(|job| scope.spawn(job)).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
 use std::borrow::Cow;
 
 use luna_job::{ImageFormat, SampleType};

@@ -56,7 +56,7 @@ pub fn to_msgpack_with_capacity<T: Serialize + ?Sized>(
     capacity: usize,
 ) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::with_capacity(capacity);
-    rmp_serde::encode::write_named(&mut out, value)?;
+    write_msgpack(&mut out, value)?;
     Ok(out)
 }
 

@@ -200,12 +200,7 @@ impl Broker {
                 self.publish_task_bytes(body, &label, headers).await
             }
             Self::Memory(b) => {
-                let id = label.message_id();
-                let destination = self.tasks_destination();
-                let span = publish_span(self.system(), &destination, TASK_ROUTING_KEY, &id, 0);
-                label.record(&span);
-                let mut headers = headers.clone();
-                propagation::inject(&span, &mut headers);
+                let (id, span, headers) = self.task_publish(&label, 0, headers);
                 let result = span.in_scope(|| b.publish_task(task, &id, &headers));
                 finish(&span, &result);
                 result
@@ -231,17 +226,7 @@ impl Broker {
     ) -> Result<(), QueueError> {
         // Owned, so the in-process queue keeps the bytes without copying them.
         let body: Vec<u8> = body.into();
-        let id = label.message_id();
-        let span = publish_span(
-            self.system(),
-            &self.tasks_destination(),
-            TASK_ROUTING_KEY,
-            &id,
-            body.len(),
-        );
-        label.record(&span);
-        let mut headers = headers.clone();
-        propagation::inject(&span, &mut headers);
+        let (id, span, headers) = self.task_publish(label, body.len(), headers);
         let result = match self {
             Self::Amqp(b) => {
                 b.publish_task_bytes(&body, &id, &headers)
@@ -252,6 +237,28 @@ impl Broker {
         };
         finish(&span, &result);
         result
+    }
+
+    /// A task's message id, its `publish` span (`body_size` 0: not known) and the headers
+    /// carrying that span's context.
+    fn task_publish(
+        &self,
+        label: &TaskLabel,
+        body_size: usize,
+        headers: &Headers,
+    ) -> (String, tracing::Span, Headers) {
+        let id = label.message_id();
+        let span = publish_span(
+            self.system(),
+            &self.tasks_destination(),
+            TASK_ROUTING_KEY,
+            &id,
+            body_size,
+        );
+        label.record(&span);
+        let mut headers = headers.clone();
+        propagation::inject(&span, &mut headers);
+        (id, span, headers)
     }
 
     /// Publishes an event, in a `publish` span whose context travels in its headers.

@@ -1,7 +1,8 @@
 //! The Luna Saver worker.
 //!
-//! Consumes tasks, runs gate, encode and write on threads of lowered priority ([`priority`]), publishes the outcome
-//! event and waits for its confirm, and only then acknowledges the task. Concurrency is a pool
+//! Consumes tasks, runs gate, encode and write on threads of lowered priority
+//! ([`priority`]), publishes the outcome event and waits for its confirm, and only then
+//! acknowledges the task. Concurrency is a pool
 //! of save slots, each one consumer with prefetch 1, between `--min-workers` and
 //! `--max-workers`: a slot is added while tasks wait and every slot is busy, and an extra slot
 //! stops after `--idle-timeout` without work.

@@ -129,6 +129,19 @@ async fn in_process_latency(image: &ImageInput) {
     stack.stop().await;
 }
 
+/// `<what>, n=<count>: median .. ms, p99 .. ms, max .. ms`.
+fn print_latencies(what: &str, mut took: Vec<Duration>) {
+    took.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{what}, n={}: median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        took.len(),
+        ms(percentile(&took, 0.5)),
+        ms(percentile(&took, 0.99)),
+        ms(took[took.len() - 1])
+    );
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -194,25 +207,17 @@ async fn main() {
         lat.push(t.elapsed());
         assert_eq!(status, 202);
     }
-    lat.sort();
-    println!(
-        "gateway POST /v1/jobs, 1 image (3 MiB msgpack), n=200: median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile(&lat, 0.5).as_secs_f64() * 1e3,
-        percentile(&lat, 0.99).as_secs_f64() * 1e3,
-        lat[lat.len() - 1].as_secs_f64() * 1e3
-    );
+    print_latencies("gateway POST /v1/jobs, 1 image (3 MiB msgpack)", lat);
     let task = req
         .clone()
         .into_tasks(&JobId::new(), chrono::Local::now().fixed_offset())
         .remove(0);
     let task_len = luna_job::codec::to_msgpack(&task).expect("encode").len();
-    let mut floor = bare_lapin_floor(&env.url, task_len, 200).await;
-    floor.sort();
-    println!(
-        "RabbitMQ floor: bare lapin persistent publish + confirm, {task_len} bytes to a quorum queue, n=200: median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile(&floor, 0.5).as_secs_f64() * 1e3,
-        percentile(&floor, 0.99).as_secs_f64() * 1e3,
-        floor[floor.len() - 1].as_secs_f64() * 1e3
+    print_latencies(
+        &format!(
+            "RabbitMQ floor: bare lapin persistent publish + confirm, {task_len} bytes to a quorum queue"
+        ),
+        bare_lapin_floor(&env.url, task_len, 200).await,
     );
     // Drain what the latency run queued before measuring throughput.
     env.broker.delete_topology().await.expect("reset");
